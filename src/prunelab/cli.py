@@ -1,0 +1,208 @@
+"""The ``prunelab`` command line: run, methods, models, inspect."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prunelab.errors import PrunelabError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Prune any PyTorch model and evaluate it honestly.",
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _floats(text: list[str] | None) -> list[float] | None:
+    if not text:
+        return None
+    try:
+        return [float(part) for item in text for part in item.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected numbers like 0.5,0.9, got {text!r}") from None
+
+
+@app.command()
+def run(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML run config")] = None,
+    model: Annotated[str | None, typer.Option(help="model name (see `prunelab models`)")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset name, or imagefolder:PATH")] = None,
+    method: Annotated[str | None, typer.Option(help="method (see `prunelab methods`)")] = None,
+    sparsity: Annotated[
+        list[str] | None, typer.Option(help="target sparsities, e.g. 0.5,0.9 (repeatable)")
+    ] = None,
+    scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
+    schedule: Annotated[str | None, typer.Option(help="one-shot, iterative or gradual")] = None,
+    rounds: Annotated[int | None, typer.Option(help="rounds of the iterative schedule")] = None,
+    recovery: Annotated[str | None, typer.Option(help="finetune, rewind or none")] = None,
+    epochs: Annotated[int | None, typer.Option(help="dense training epochs")] = None,
+    finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    data_dir: Annotated[
+        str | None, typer.Option(help="dataset root (default: $PRUNELAB_DATA)")
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="folder for run results")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Train, prune at several sparsities, recover, and print a table (defaults: digits demo)."""
+    from prunelab.config import load_config, validate
+    from prunelab.job import RunConfig, run_job
+
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in dict(
+            model=model, dataset=dataset, method=method, scope=scope, seed=seed,
+            data_dir=data_dir, out=out, sparsities=_floats(sparsity),
+        ).items()
+        if value is not None
+    }
+    cfg = load_config(RunConfig, config) if config else validate(RunConfig, {}, "defaults")
+    data = cfg.model_dump()
+    data.update(overrides)
+    if schedule is not None:
+        data["schedule"]["kind"] = schedule
+    if rounds is not None:
+        data["schedule"]["rounds"] = rounds
+    if recovery is not None:
+        data["recovery"]["kind"] = recovery
+    cfg = validate(RunConfig, data, str(config) if config else "the command-line options")
+    train_recipe, finetune_recipe = cfg.recipes()
+    if epochs is not None or finetune_epochs is not None:
+        cfg = cfg.model_copy(update={
+            "train": train_recipe.model_copy(update={"epochs": epochs or train_recipe.epochs}),
+            "finetune": finetune_recipe.model_copy(
+                update={"epochs": finetune_epochs or finetune_recipe.epochs}
+            ),
+        })
+    console.print(
+        f"[bold]prunelab run[/]: {cfg.model} on {cfg.dataset}, {cfg.method} ({cfg.scope}), "
+        f"{cfg.schedule.kind} + {cfg.recovery.kind}, seed {cfg.seed}"
+    )
+    result = run_job(cfg, quiet=quiet)
+    console.print(results_table(result.rows))
+    console.print(f"results: {result.folder}/results.json and results.csv")
+
+
+def results_table(rows: list[dict]) -> Table:
+    """The run's rows as a rich table."""
+    table = Table(title="pruning results (test set)")
+    for column in ("method", "sparsity", "top-1 %", "params", "non-zeros", "compression",
+                   "MACs", "eff. MACs", "latency ms"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        latency = row.get("latency_ms")
+        table.add_row(
+            row["method"],
+            f"{row['achieved_sparsity']:.3f}",
+            f"{row['test_top1']:.2f}",
+            f"{row['params']:,}",
+            f"{row['nonzero_params']:,}",
+            f"{row['compression']:.2f}x",
+            f"{row['macs']:,}",
+            f"{row['effective_macs']:,}",
+            f"{latency:.3f}" if latency is not None else "-",
+        )
+    return table
+
+
+@app.command()
+def methods() -> None:
+    """List the registered pruning methods and their options."""
+    from prunelab.methods import METHODS
+
+    table = Table(title="pruning methods")
+    for column in ("name", "granularity", "needs data", "description", "options"):
+        table.add_column(column)
+    for name, cls in METHODS.items():
+        options = ", ".join(f"{n}={d!r}" for n, _, d in cls.option_table()) or "-"
+        table.add_row(name, cls.granularity, "yes" if cls.needs_data else "no", cls.summary(),
+                      options)
+    console.print(table)
+
+
+@app.command(name="models")
+def list_models() -> None:
+    """List the model zoo (any torchvision classification model name works too)."""
+    from prunelab import models as zoo
+
+    table = Table(title="model zoo")
+    table.add_column("name")
+    table.add_column("description")
+    for name in zoo.names():
+        table.add_row(name, zoo.describe(name))
+    console.print(table)
+    console.print("Any torchvision classification model also works by name, e.g. resnet50.")
+
+
+@app.command()
+def inspect(
+    model: Annotated[str, typer.Argument(help="model name, or a checkpoint file (.pt)")],
+    input_shape: Annotated[
+        str, typer.Option(help="C,H,W of one input (default from the model/checkpoint)")
+    ] = "",
+    num_classes: Annotated[int, typer.Option(help="number of classes")] = 10,
+) -> None:
+    """Per-layer table: shapes, parameters, non-zeros, FLOPs of a model or checkpoint."""
+    import torch
+
+    from prunelab import models as zoo
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.metrics import measure
+
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if input_shape:
+        try:
+            kwargs["input_shape"] = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            raise typer.BadParameter(
+                f"--input-shape must look like 3,32,32, got {input_shape!r}"
+            ) from None
+    if Path(model).suffix in {".pt", ".pth"} or Path(model).is_file():
+        net, payload = load_checkpoint(model)
+        kwargs = {**payload["model"].get("kwargs", {}), **kwargs}
+        title = f"{model} ({payload['model'].get('name')})"
+    else:
+        net = zoo.create(model, **kwargs)
+        title = model
+    shape = tuple(kwargs.get("input_shape") or zoo.default_input_shape(net))
+    stats = measure(net, torch.zeros(1, *shape))
+    table = Table(title=f"{title}, input {shape}")
+    for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs"):
+        table.add_column(column, justify="left" if column in {"layer", "type"} else "right")
+    for layer in stats.layers:
+        table.add_row(
+            layer.name or "(root)", layer.type,
+            "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-",
+            f"{layer.params:,}", f"{layer.nonzero_params:,}", f"{layer.density:.3f}",
+            f"{layer.flops // 2:,}",
+        )
+    table.add_section()
+    table.add_row("total", "", "", f"{stats.params:,}", f"{stats.nonzero_params:,}",
+                  f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}")
+    console.print(table)
+    console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2, without a traceback."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except PrunelabError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

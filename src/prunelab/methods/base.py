@@ -1,0 +1,190 @@
+"""The method contract and registry.
+
+A pruning method is one small dataclass in one file, registered by name with
+:func:`register_method`. Its dataclass fields are its options (with defaults), its docstring is its
+documentation: ``prunelab methods``, the benchmark and the docs all read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.registry import Registry
+from prunelab.sparsity import (
+    PrunableWeight,
+    check_sparsity,
+    keep_mask_from_scores,
+    prunable_weights,
+    set_mask,
+)
+
+METHODS: Registry[type[Method]] = Registry("method")
+SCOPES = ("global", "layer")
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator that registers a method under ``name`` (e.g. ``"magnitude"``)."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which layers a method may touch, and per-layer sparsity overrides (glob patterns)."""
+
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    exclude_first: bool = False
+    exclude_last: bool = False
+    layer_sparsity: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def weights(self, model: nn.Module) -> list[PrunableWeight]:
+        return prunable_weights(
+            model,
+            include=self.include,
+            exclude=self.exclude,
+            exclude_first=self.exclude_first,
+            exclude_last=self.exclude_last,
+        )
+
+
+@dataclass
+class Method:
+    """Base class of all pruning methods."""
+
+    name: ClassVar[str] = ""
+    granularity: ClassVar[str] = "unstructured"
+    needs_data: ClassVar[bool] = False
+
+    @classmethod
+    def create(cls, **options: Any) -> Method:
+        """Instantiate with ``options``; unknown option names raise a readable error."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            allowed = ", ".join(sorted(valid)) or "none"
+            raise InvalidValueError(
+                f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are: {allowed}"
+            )
+        return cls(**options)
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+    @classmethod
+    def option_table(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) for each option."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            rows.append((f.name, str(f.type), default))
+        return rows
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = LayerSelection(),
+    ) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass
+class UnstructuredMethod(Method):
+    """A method that scores single weights; the lowest scores are masked to zero."""
+
+    def scores(
+        self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
+    ) -> list[torch.Tensor]:
+        """One score tensor per weight (same shape); higher means more important."""
+        raise NotImplementedError
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = LayerSelection(),
+    ) -> nn.Module:
+        sparsity = check_sparsity(sparsity)
+        if scope not in SCOPES:
+            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if self.needs_data and data is None:
+            raise PrunelabError(
+                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
+            )
+        weights = selection.weights(model)
+        with torch.no_grad():
+            scores = [s.detach().float() for s in self.scores(model, weights, data)]
+            for weight, score in zip(weights, scores, strict=True):
+                if weight.mask is not None:  # already-pruned weights stay pruned
+                    score[weight.mask == 0] = float("-inf")
+            pairs = list(zip(weights, scores, strict=True))
+            for group, target in _groups(pairs, selection.layer_sparsity):
+                if scope == "layer" or target is not None:
+                    for weight, score in group:
+                        _apply(weight, score, sparsity if target is None else target)
+                else:
+                    _apply_global(group, sparsity)
+        return model
+
+
+Pair = tuple[PrunableWeight, torch.Tensor]
+
+
+def _groups(
+    pairs: list[Pair], overrides: Mapping[str, float]
+) -> list[tuple[list[Pair], float | None]]:
+    """Split (weight, score) pairs into override groups (own sparsity) and the rest (None)."""
+    groups: list[tuple[list[Pair], float | None]] = []
+    rest = list(pairs)
+    for pattern, value in overrides.items():
+        value = check_sparsity(value, f"layer_sparsity[{pattern!r}]")
+        members = [p for p in rest if fnmatch.fnmatchcase(p[0].name, pattern)]
+        if not members:
+            raise InvalidValueError(f"layer_sparsity pattern {pattern!r} matches no prunable layer")
+        rest = [p for p in rest if not fnmatch.fnmatchcase(p[0].name, pattern)]
+        groups.append((members, value))
+    if rest:
+        groups.append((rest, None))
+    return groups
+
+
+def _apply(weight: PrunableWeight, score: torch.Tensor, sparsity: float) -> None:
+    keep = keep_mask_from_scores(score, round(sparsity * score.numel()))
+    _install(weight, keep)
+
+
+def _apply_global(pairs: list[Pair], sparsity: float) -> None:
+    flat = torch.cat([score.reshape(-1) for _, score in pairs])
+    keep = keep_mask_from_scores(flat, round(sparsity * flat.numel()))
+    parts = keep.split([score.numel() for _, score in pairs])
+    for (weight, score), part in zip(pairs, parts, strict=True):
+        _install(weight, part.view_as(score))
+
+
+def _install(weight: PrunableWeight, keep: torch.Tensor) -> None:
+    old = weight.mask
+    if old is not None:
+        keep = keep & (old != 0)
+    set_mask(weight.module, keep)

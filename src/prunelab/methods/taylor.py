@@ -1,0 +1,52 @@
+"""Gradient × weight (first-order Taylor) pruning."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunelab.errors import InvalidValueError
+from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.sparsity import PrunableWeight
+from prunelab.utils import eval_mode, iter_batches
+
+
+@register_method("taylor")
+@dataclass
+class TaylorPruning(UnstructuredMethod):
+    """Gradient×weight (first-order Taylor): score |w · ∂L/∂w| over calibration batches.
+
+    The gradient is the mean over every calibration sample (the full-batch gradient of those
+    batches), taken with the model in eval mode so BatchNorm statistics are left untouched. The
+    score estimates the change of the loss when the weight is set to zero. Needs labelled batches.
+    """
+
+    needs_data = True
+    batches: int | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def scores(
+        self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
+    ) -> list[torch.Tensor]:
+        loss_fn = self.loss or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+        grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
+        samples = 0
+        with eval_mode(model), torch.enable_grad():
+            for x, y in iter_batches(data, model, self.batches):
+                if y is None:
+                    raise InvalidValueError("taylor needs labelled calibration batches (x, y)")
+                with parametrize.cached():
+                    tensors = [w.weight for w in weights]  # the exact tensors the forward uses
+                    loss = loss_fn(model(x), y)
+                    found = torch.autograd.grad(loss, tensors, allow_unused=True)
+                    for acc, g in zip(grads, found, strict=True):
+                        if g is not None:  # None: a layer the forward did not use
+                            acc += g.float()
+                samples += len(y)
+        pairs = zip(weights, grads, strict=True)
+        return [(w.weight.detach().float() * g / samples).abs() for w, g in pairs]

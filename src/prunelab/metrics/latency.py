@@ -1,0 +1,74 @@
+"""Measured latency: warm-up, median of repeats, fixed thread count."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from prunelab.errors import InvalidValueError
+from prunelab.metrics.flops import as_inputs
+from prunelab.utils import eval_mode
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock time of one forward pass, in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    warmup: int
+    threads: int
+    batch_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    threads: int | None = None,
+) -> Latency:
+    """Median forward time over ``repeats`` runs after ``warmup`` runs, with ``threads`` threads.
+
+    Masks are applied once before timing (``parametrize.cached``), so a masked model is timed as
+    the dense network it is, not with the cost of re-multiplying masks on every call.
+    """
+    if repeats < 1 or warmup < 0:
+        raise InvalidValueError("latency needs repeats >= 1 and warmup >= 0")
+    inputs = as_inputs(example_input)
+    old_threads = torch.get_num_threads()
+    threads = threads or old_threads
+    torch.set_num_threads(threads)
+    times: list[float] = []
+    try:
+        with eval_mode(model), torch.inference_mode(), parametrize.cached():
+            for _ in range(warmup):
+                model(*inputs)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(*inputs)
+                times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(old_threads)
+    deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return Latency(
+        median_ms=statistics.median(times),
+        p10_ms=deciles[0],
+        p90_ms=deciles[-1],
+        repeats=repeats,
+        warmup=warmup,
+        threads=threads,
+        batch_size=int(inputs[0].shape[0]) if inputs[0].dim() else 1,
+    )

@@ -1,0 +1,86 @@
+"""Training recipes: optimiser, learning-rate schedule, epochs, batch size."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+
+class TrainRecipe(BaseModel):
+    """How to train (or fine-tune) a model. Every field has a sensible default.
+
+    ``milestones`` are fractions of the run at which a ``step`` schedule multiplies the learning
+    rate by ``gamma`` (the Rethinking recipe: ÷10 at 50% and 75%).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(10, ge=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    channels_last: bool = True
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in value) or value != sorted(value):
+            raise ValueError("milestones are increasing fractions of the run, each in (0, 1)")
+        return value
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(
+                params,
+                lr=self.lr,
+                momentum=self.momentum,
+                nesterov=self.nesterov and self.momentum > 0,
+                weight_decay=self.weight_decay,
+            )
+        cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
+        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """Learning-rate multiplier at optimiser step ``step`` of ``total_steps``."""
+        progress = step / max(total_steps, 1)
+        if self.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if self.schedule == "step":
+            return self.gamma ** sum(progress >= m for m in self.milestones)
+        return 1.0
+
+
+#: Named recipes; ``TrainRecipe(**PRESETS[name])`` or ``preset(name, epochs=...)``.
+PRESETS: dict[str, dict] = {
+    # Rethinking the Value of Network Pruning, CIFAR: SGD 0.9, lr 0.1, wd 1e-4, batch 64,
+    # 160 epochs, lr ÷10 at 50% and 75%; fine-tuning 40 epochs at lr 1e-3.
+    "rethinking-cifar": dict(epochs=160, batch_size=64, lr=0.1, weight_decay=1e-4),
+    "rethinking-finetune": dict(epochs=40, batch_size=64, lr=1e-3, weight_decay=1e-4),
+    # CPU-sized budgets with the same shape, for 2-core machines.
+    "cpu-cifar": dict(epochs=15, batch_size=128, lr=0.1, weight_decay=1e-4, schedule="cosine"),
+    "cpu-finetune": dict(epochs=3, batch_size=128, lr=0.01, weight_decay=1e-4, schedule="cosine"),
+    "mnist": dict(epochs=10, batch_size=128, lr=0.05, weight_decay=1e-4, schedule="cosine"),
+    "digits": dict(epochs=30, batch_size=64, lr=0.05, weight_decay=1e-4, schedule="cosine"),
+    "digits-finetune": dict(epochs=8, batch_size=64, lr=0.01, weight_decay=1e-4, schedule="cosine"),
+}
+
+
+def preset(name: str, **overrides) -> TrainRecipe:
+    """A named recipe from :data:`PRESETS` with optional field overrides."""
+    from prunelab.errors import UnknownNameError
+
+    if name not in PRESETS:
+        raise UnknownNameError("recipe preset", name, PRESETS)
+    return TrainRecipe(**{**PRESETS[name], **overrides})

@@ -1,0 +1,242 @@
+"""The train loop: one loop for dense training, fine-tuning and methods that act during training.
+
+Methods that need to act while training (regularisers, gradual pruning, dynamic sparsity) plug in
+as :class:`Callback` objects instead of forking the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
+from prunelab.errors import InvalidValueError
+from prunelab.metrics.accuracy import evaluate
+from prunelab.training.recipe import TrainRecipe
+from prunelab.utils import progress_enabled, uses_convolutions
+
+
+@dataclass
+class TrainState:
+    """What callbacks see: the model, optimiser and where training is."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    recipe: TrainRecipe
+    steps_per_epoch: int
+    total_steps: int
+    epoch: int = 0
+    step: int = 0
+    loss: torch.Tensor | None = None
+
+
+class Callback:
+    """Hooks into :func:`train`. Override what you need; every hook is optional."""
+
+    def on_train_begin(self, state: TrainState) -> None: ...
+
+    def on_step_begin(self, state: TrainState) -> None: ...
+
+    def penalty(self, state: TrainState) -> torch.Tensor | None:
+        """An extra loss term (regularisers), added before backward."""
+        return None
+
+    def on_after_backward(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None: ...
+
+    def on_train_end(self, state: TrainState) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    """Per-epoch history (train loss, validation metrics, lr, seconds) and the chosen epoch."""
+
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    seconds: float = 0.0
+
+
+def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def train(
+    model: nn.Module,
+    train_data: Iterable,
+    recipe: TrainRecipe,
+    *,
+    val_data: Iterable | None = None,
+    callbacks: Sequence[Callback] = (),
+    start_epoch: int = 0,
+    keep_best: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    quiet: bool = False,
+    description: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place with ``recipe`` on batches of ``(inputs, labels)``.
+
+    Args:
+        train_data: re-iterable batches (e.g. ``bundle.loader("train", 128, shuffle=True)``).
+        val_data: validation batches, evaluated after each epoch. The test set never enters here:
+            the best epoch (``keep_best``) is chosen on validation accuracy only.
+        callbacks: hooks for methods acting during training.
+        start_epoch: resume the schedule at this epoch (used by weight rewinding).
+        keep_best: restore the weights of the epoch with the best validation top-1 at the end.
+        checkpoint: file written after every epoch; if it exists, training resumes from it.
+        quiet: no progress bar (also off when stderr is not a terminal).
+    """
+    if keep_best and val_data is None:
+        raise InvalidValueError("keep_best needs val_data: the best epoch is chosen on validation")
+    steps_per_epoch = len(train_data)  # type: ignore[arg-type]
+    if steps_per_epoch == 0:
+        raise InvalidValueError("training data has no batches")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    channels_last = recipe.channels_last and uses_convolutions(model)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = recipe.make_optimizer(model)
+    total_steps = recipe.epochs * steps_per_epoch
+    state = TrainState(model, optimizer, recipe, steps_per_epoch, total_steps)
+    state.epoch, state.step = start_epoch, start_epoch * steps_per_epoch
+
+    def set_lr() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.lr * recipe.lr_factor(state.step, total_steps)
+
+    result = TrainResult()
+    best: tuple[float, dict] | None = None
+    if checkpoint is not None and Path(checkpoint).is_file():
+        payload = read_checkpoint(checkpoint)
+        load_state_dict(model, payload["state_dict"])
+        optimizer.load_state_dict(payload["extra"]["optimizer"])
+        state.epoch = int(payload["extra"]["epoch"])
+        state.step = state.epoch * steps_per_epoch
+        result.history = list(payload["extra"]["history"])
+
+    started = time.perf_counter()
+    for callback in callbacks:
+        callback.on_train_begin(state)
+    progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
+    with progress:
+        while state.epoch < recipe.epochs:
+            model.train()
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros(())
+            samples = 0
+            progress.start_epoch(state.epoch)
+            if hasattr(train_data, "set_epoch"):  # the shuffle order depends on the epoch only
+                train_data.set_epoch(state.epoch)
+            for x, y in train_data:
+                x, y = _to_device(x, y, device, channels_last)
+                for callback in callbacks:
+                    callback.on_step_begin(state)
+                set_lr()
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+                state.loss = loss
+                total = loss
+                for callback in callbacks:
+                    extra = callback.penalty(state)
+                    if extra is not None:
+                        total = total + extra
+                total.backward()
+                for callback in callbacks:
+                    callback.on_after_backward(state)
+                optimizer.step()
+                state.step += 1
+                for callback in callbacks:
+                    callback.on_step_end(state)
+                loss_sum += loss.detach() * len(y)
+                samples += len(y)
+                progress.advance()
+            state.epoch += 1
+            metrics = {
+                "epoch": state.epoch,
+                "train_loss": float(loss_sum) / max(samples, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            if val_data is not None:
+                val = evaluate(model, val_data, topk=(1,))
+                metrics.update(val_loss=val["loss"], val_top1=val["top1"])
+                if keep_best and (best is None or val["top1"] > best[0]):
+                    best = (val["top1"], _copy_state(model))
+                    result.best_epoch = state.epoch
+            result.history.append(metrics)
+            progress.end_epoch(metrics)
+            for callback in callbacks:
+                callback.on_epoch_end(state, metrics)
+            if checkpoint is not None:
+                extra = {"optimizer": optimizer.state_dict(), "epoch": state.epoch}
+                save_checkpoint(checkpoint, model, extra=extra | {"history": result.history})
+    if best is not None:
+        load_state_dict(model, best[1])
+    for callback in callbacks:
+        callback.on_train_end(state)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class _Progress:
+    """A rich progress bar over steps, or nothing when disabled."""
+
+    def __init__(self, description: str, epochs: int, steps: int, enabled: bool):
+        self.description, self.epochs, self.steps = description, epochs, steps
+        self.enabled = enabled
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=True,
+            )
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start_epoch(self, epoch: int) -> None:
+        if self._bar is not None:
+            label = f"{self.description} epoch {epoch + 1}/{self.epochs}"
+            if self._task is None:
+                self._task = self._bar.add_task(label, total=self.steps, info="")
+            else:
+                self._bar.reset(self._task, total=self.steps, description=label)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def end_epoch(self, metrics: dict) -> None:
+        if self._bar is not None:
+            info = f"loss {metrics['train_loss']:.3f}"
+            if "val_top1" in metrics:
+                info += f"  val {metrics['val_top1']:.2f}%"
+            self._bar.update(self._task, info=info)

@@ -1,0 +1,73 @@
+"""Counts, FLOPs, latency and accuracy on hand-computable cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.metrics import evaluate, measure_latency
+
+
+def test_lenet_300_100_shape_mlp_counts_by_hand() -> None:
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+                          nn.Linear(100, 10))
+    m = prunelab.measure(model, torch.zeros(1, 784))
+    assert m.macs == 784 * 300 + 300 * 100 + 100 * 10 == 266_200
+    assert m.flops == 2 * m.macs
+    assert m.params == 266_200 + 300 + 100 + 10
+    assert m.compression == 1.0 and m.theoretical_speedup == 1.0
+
+
+def test_conv_flops_count_groups_and_stride() -> None:
+    conv = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2, bias=False)
+    m = prunelab.measure(conv, torch.zeros(1, 4, 8, 8))
+    # output 8 x 4 x 4; each output sums over (4 / 2 groups) * 3 * 3 inputs.
+    assert m.macs == 8 * 4 * 4 * 2 * 3 * 3
+
+
+def test_effective_flops_and_compression_after_pruning() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 50, bias=False), nn.ReLU(), nn.Linear(50, 10, bias=False))
+    prunelab.prune(model, "magnitude", 0.8, scope="layer")
+    m = prunelab.measure(model, torch.zeros(3, 100))
+    assert m.params == 5500 and m.nonzero_params == 1100
+    assert m.compression == pytest.approx(5.0)
+    assert m.macs == 3 * 5500 and m.effective_macs == 3 * 1100
+    assert m.theoretical_speedup == pytest.approx(5.0)
+    assert [layer.name for layer in m.layers] == ["0", "2"]
+    assert m.layers[0].density == pytest.approx(0.2)
+
+
+def test_shared_weights_count_once() -> None:
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    assert prunelab.measure(model, torch.zeros(1, 4)).params == 20
+
+
+def test_accuracy_counts_every_sample_of_a_partial_last_batch() -> None:
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x  # the inputs are the logits
+
+    logits = torch.eye(3).repeat(3, 1)[:7]  # predicts 0,1,2,0,1,2,0
+    logits[6] = torch.tensor([2.0, 1.0, 0.0])  # the last one: label 1 is second best
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 1])  # last one wrong
+    batches = [(logits[:4], labels[:4]), (logits[4:], labels[4:])]  # sizes 4 and 3
+    result = evaluate(Fixed(), batches, topk=(1, 2))
+    assert result["samples"] == 7
+    assert result["top1"] == pytest.approx(100 * 6 / 7)  # a batch mean would give 83.3
+    assert result["top2"] == pytest.approx(100.0)
+
+
+def test_latency_restores_threads_and_reports_median() -> None:
+    before = torch.get_num_threads()
+    lat = measure_latency(nn.Linear(16, 16), torch.zeros(2, 16), warmup=1, repeats=5, threads=1)
+    assert torch.get_num_threads() == before
+    assert lat.p10_ms <= lat.median_ms <= lat.p90_ms and lat.batch_size == 2 and lat.threads == 1
+
+
+def test_measure_with_latency_in_summary() -> None:
+    m = prunelab.measure(nn.Linear(8, 2), torch.zeros(1, 8), latency=True, latency_repeats=3)
+    assert m.summary()["latency_ms"] > 0

@@ -1,0 +1,169 @@
+"""Trainer, recipes, schedules and recovery on small synthetic problems."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.errors import CheckpointError, InvalidValueError
+from prunelab.schedules import (
+    GradualPruning,
+    Pruner,
+    Snapshot,
+    agp_sparsity,
+    iterative,
+    iterative_sparsities,
+    rewind_weights,
+)
+from prunelab.sparsity import mask_sparsity
+from prunelab.training import TrainRecipe, train
+
+
+def blobs(seed: int = 0, n: int = 96) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(3, 10, generator=generator) * 3
+    y = torch.randint(0, 3, (n,), generator=generator)
+    x = centers[y] + torch.randn(n, 10, generator=generator)
+    return [(x[i : i + 32], y[i : i + 32]) for i in range(0, n, 32)]
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+
+RECIPE = TrainRecipe(epochs=6, lr=0.05, schedule="cosine")
+
+
+def test_training_learns_and_is_deterministic() -> None:
+    a, b = mlp(), mlp()
+    ra = train(a, blobs(), RECIPE, quiet=True)
+    train(b, blobs(), RECIPE, quiet=True)
+    assert ra.history[-1]["train_loss"] < ra.history[0]["train_loss"] / 2
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(p, q) for p, q in pairs)
+    assert prunelab.evaluate(a, blobs(seed=0))["top1"] > 90
+
+
+def test_lr_schedules() -> None:
+    step = TrainRecipe(lr=1.0, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
+    assert [step.lr_factor(s, 100) for s in (0, 49, 50, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.01, 0.01]
+    )
+    cosine = TrainRecipe(schedule="cosine")
+    assert cosine.lr_factor(0, 10) == 1 and cosine.lr_factor(5, 10) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="milestones"):
+        TrainRecipe(milestones=[0.8, 0.2])
+
+
+def test_keep_best_restores_the_best_validation_epoch() -> None:
+    model = mlp()
+    result = train(model, blobs(), RECIPE, val_data=blobs(seed=1), keep_best=True, quiet=True)
+    best = max(result.history, key=lambda h: h["val_top1"])
+    assert result.best_epoch == best["epoch"]
+    assert prunelab.evaluate(model, blobs(seed=1))["top1"] == pytest.approx(best["val_top1"])
+    with pytest.raises(InvalidValueError, match="val_data"):
+        train(mlp(), blobs(), RECIPE, keep_best=True, quiet=True)
+
+
+class Interrupt(prunelab.training.Callback):
+    """Simulates a crash after ``epoch`` epochs."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, state, metrics) -> None:
+        if state.epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def test_checkpoint_resume_gives_the_same_weights(tmp_path) -> None:
+    full = mlp()
+    train(full, blobs(), RECIPE, quiet=True)
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(mlp(), blobs(), RECIPE, checkpoint=path, callbacks=[Interrupt(3)], quiet=True)
+    resumed = mlp(seed=5)  # other initial weights: everything must come from the file
+    result = train(resumed, blobs(), RECIPE, checkpoint=path, quiet=True)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    for p, q in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_masked_training_keeps_sparsity() -> None:
+    model = mlp()
+    prunelab.prune(model, "magnitude", 0.75)
+    train(model, blobs(), RECIPE, quiet=True)
+    assert sum(int((m.weight == 0).sum()) for m in model if isinstance(m, nn.Linear)) >= round(
+        0.75 * (320 + 96)
+    )
+
+
+def test_iterative_sparsities_are_geometric() -> None:
+    steps = iterative_sparsities(0.875, 3)
+    assert steps == pytest.approx([0.5, 0.75, 0.875])
+    with pytest.raises(InvalidValueError):
+        iterative_sparsities(0.9, 0)
+
+
+def test_agp_follows_the_cubic_ramp() -> None:
+    assert agp_sparsity(0, final=0.9, initial=0.0, start=0, steps=100) == 0.0
+    assert agp_sparsity(50, final=0.9, initial=0.0, start=0, steps=100) == pytest.approx(
+        0.9 * (1 - 0.5**3)
+    )
+    assert agp_sparsity(100, final=0.9, initial=0.0, start=0, steps=100) == pytest.approx(0.9)
+    assert agp_sparsity(500, final=0.9, initial=0.0, start=0, steps=100) == pytest.approx(0.9)
+
+
+def test_gradual_pruning_reaches_the_target_with_rising_masks() -> None:
+    model = mlp()
+    agp = GradualPruning(Pruner("magnitude"), 0.8, end=0.5, frequency=2)
+    train(model, blobs(), RECIPE, callbacks=[agp], quiet=True)
+    targets = [t for _, t in agp.applied]
+    assert targets == sorted(targets) and len(targets) >= 3
+    assert mask_sparsity(model) == pytest.approx(0.8, abs=1e-2)
+
+
+def test_iterative_with_recovery_calls_recover_each_round() -> None:
+    model = mlp()
+    seen: list[float] = []
+    iterative(model, Pruner("magnitude"), 0.9, 3, recover=lambda m: seen.append(mask_sparsity(m)))
+    assert seen == pytest.approx(iterative_sparsities(0.9, 3), abs=1e-2)
+
+
+def test_rewinding_restores_early_weights_under_the_mask() -> None:
+    model = mlp()
+    snapshot = Snapshot(epoch=0)
+    train(model, blobs(), RECIPE, callbacks=[snapshot], quiet=True)
+    prunelab.prune(model, "magnitude", 0.5)
+    rewind_weights(model, snapshot.state)
+    first = model[0].weight
+    initial = snapshot.state["0.weight"]
+    kept = first != 0
+    assert torch.equal(first[kept], initial[kept]) and mask_sparsity(model) == pytest.approx(0.5,
+                                                                                          abs=1e-2)
+
+
+def test_checkpoints_reject_bad_files(tmp_path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        prunelab.load_checkpoint(bad, mlp())
+    other = tmp_path / "other.pt"
+    prunelab.save_checkpoint(other, nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        prunelab.load_checkpoint(other, mlp())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        prunelab.load_checkpoint(tmp_path / "missing.pt", mlp())
+
+
+def test_checkpoint_round_trip_with_masks(tmp_path) -> None:
+    model = mlp()
+    prunelab.prune(model, "magnitude", 0.6)
+    path = prunelab.save_checkpoint(tmp_path / "m.pt", model, extra={"note": "hi"})
+    loaded, payload = prunelab.load_checkpoint(path, mlp(seed=3))
+    assert payload["extra"]["note"] == "hi"
+    x = torch.randn(5, 10)
+    assert torch.equal(model(x), loaded(x))
