@@ -77,7 +77,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for unreadable files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        reason = type(exc).__name__ + (f": {text.splitlines()[0][:200]}" if text else "")
         raise CheckpointError(
             f"{str(path)!r} is not a readable checkpoint ({reason}); it may be corrupt, truncated, "
             "or not saved by torch.save"

@@ -18,8 +18,9 @@ app = typer.Typer(
     help="Prune any PyTorch model and evaluate it honestly.",
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Wide tables when output is piped or logged (rich would otherwise truncate to 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _floats(text: list[str] | None) -> list[float] | None:
@@ -54,7 +55,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train, prune at several sparsities, recover, and print a table (defaults: digits demo)."""
-    from prunelab.config import load_config, validate
+    from prunelab.config import load_yaml_mapping, validate
     from prunelab.job import RunConfig, run_job
 
     overrides: dict[str, Any] = {
@@ -65,24 +66,19 @@ def run(
         ).items()
         if value is not None
     }
-    cfg = load_config(RunConfig, config) if config else validate(RunConfig, {}, "defaults")
-    data = cfg.model_dump()
+    data = load_yaml_mapping(config) if config else {}
     data.update(overrides)
-    if schedule is not None:
-        data["schedule"]["kind"] = schedule
-    if rounds is not None:
-        data["schedule"]["rounds"] = rounds
-    if recovery is not None:
-        data["recovery"]["kind"] = recovery
-    cfg = validate(RunConfig, data, str(config) if config else "the command-line options")
-    train_recipe, finetune_recipe = cfg.recipes()
-    if epochs is not None or finetune_epochs is not None:
-        cfg = cfg.model_copy(update={
-            "train": train_recipe.model_copy(update={"epochs": epochs or train_recipe.epochs}),
-            "finetune": finetune_recipe.model_copy(
-                update={"epochs": finetune_epochs or finetune_recipe.epochs}
-            ),
-        })
+    for key, field, value in (("schedule", "kind", schedule), ("schedule", "rounds", rounds),
+                              ("recovery", "kind", recovery)):
+        if value is not None:
+            data[key] = {**(data.get(key) or {}), field: value}
+    source = str(config) if config else "the command-line options"
+    cfg = validate(RunConfig, data, source)
+    for stage, value in (("train", epochs), ("finetune", finetune_epochs)):
+        if value is not None:
+            recipe = getattr(cfg, stage).model_dump() | {"epochs": value}
+            cfg = validate(RunConfig, cfg.model_dump() | {stage: recipe}, source)
+    cfg.check_names()
     console.print(
         f"[bold]prunelab run[/]: {cfg.model} on {cfg.dataset}, {cfg.method} ({cfg.scope}), "
         f"{cfg.schedule.kind} + {cfg.recovery.kind}, seed {cfg.seed}"
@@ -176,18 +172,19 @@ def inspect(
     shape = tuple(kwargs.get("input_shape") or zoo.default_input_shape(net))
     stats = measure(net, torch.zeros(1, *shape))
     table = Table(title=f"{title}, input {shape}")
-    for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs"):
+    for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs",
+                   "eff. MACs"):
         table.add_column(column, justify="left" if column in {"layer", "type"} else "right")
     for layer in stats.layers:
         table.add_row(
             layer.name or "(root)", layer.type,
             "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-",
             f"{layer.params:,}", f"{layer.nonzero_params:,}", f"{layer.density:.3f}",
-            f"{layer.flops // 2:,}",
+            f"{layer.flops // 2:,}", f"{layer.effective_flops // 2:,}",
         )
     table.add_section()
     table.add_row("total", "", "", f"{stats.params:,}", f"{stats.nonzero_params:,}",
-                  f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}")
+                  f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}", f"{stats.effective_macs:,}")
     console.print(table)
     console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
 

@@ -50,7 +50,10 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
             lines.append(f"unknown key {where!r}.{hint}{allowed}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{where}: {message} (got {item.get('input')!r})")
+            if loc:
+                lines.append(f"{where}: {message} (got {item.get('input')!r})")
+            else:
+                lines.append(message)
     return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
 
 
@@ -78,9 +81,14 @@ def load_yaml(path: str | os.PathLike) -> Any:
         raise ConfigError(f"{str(path)!r} is not valid YAML: {exc}") from None
 
 
-def load_config(model: type[M], path: str | os.PathLike, overrides: dict | None = None) -> M:
-    """Validate a YAML file into ``model``, with top-level ``overrides`` (e.g. from CLI flags)."""
+def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (an empty file is an empty mapping)."""
     data = load_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{str(path)!r} must contain a mapping of keys to values")
-    return validate(model, {**data, **(overrides or {})}, source=str(path))
+    return data
+
+
+def load_config(model: type[M], path: str | os.PathLike, overrides: dict | None = None) -> M:
+    """Validate a YAML file into ``model``, with top-level ``overrides`` (e.g. from CLI flags)."""
+    return validate(model, {**load_yaml_mapping(path), **(overrides or {})}, source=str(path))

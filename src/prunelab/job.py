@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from prunelab import data as datasets
@@ -29,7 +29,7 @@ from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash, environment
 from prunelab.schedules import GradualPruning, Pruner, Snapshot, iterative, one_shot, rewind_weights
 from prunelab.sparsity import check_sparsity, mask_sparsity
-from prunelab.training import PRESETS, TrainRecipe, preset, train
+from prunelab.training import PRESETS, TrainRecipe, train
 from prunelab.utils import seed_everything
 
 
@@ -60,6 +60,15 @@ class LatencyConfig(BaseModel):
     threads: int = Field(1, ge=1)
 
 
+def auto_preset(dataset: str, stage: str) -> str:
+    """The CPU-sized recipe preset for ``dataset`` and ``stage`` (``train`` or ``finetune``)."""
+    if dataset == "digits":
+        return "digits" if stage == "train" else "digits-finetune"
+    if "mnist" in dataset:
+        return "mnist" if stage == "train" else "cpu-finetune"
+    return "cpu-cifar" if stage == "train" else "cpu-finetune"
+
+
 class RunConfig(BaseModel):
     """Everything ``prunelab run`` needs; every key has a default (the digits demo)."""
 
@@ -83,8 +92,8 @@ class RunConfig(BaseModel):
     calibration_batches: int = Field(8, ge=1)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
-    train: str | TrainRecipe = "auto"
-    finetune: str | TrainRecipe = "auto"
+    train: TrainRecipe = Field(default_factory=TrainRecipe)
+    finetune: TrainRecipe = Field(default_factory=TrainRecipe)
     keep_best: bool = True
     seed: int = 0
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
@@ -97,27 +106,25 @@ class RunConfig(BaseModel):
             raise ValueError("give at least one sparsity")
         return [check_sparsity(v) for v in value]
 
-    @field_validator("train", "finetune")
+    @model_validator(mode="before")
     @classmethod
-    def _preset(cls, value: str | TrainRecipe) -> str | TrainRecipe:
-        if isinstance(value, str) and value != "auto" and value not in PRESETS:
-            presets = ", ".join(PRESETS)
-            raise ValueError(f"unknown recipe preset {value!r}; presets: auto, {presets}")
-        return value
-
-    def recipes(self) -> tuple[TrainRecipe, TrainRecipe]:
-        """The training and fine-tuning recipes, resolving ``auto`` from the dataset."""
-        family = "digits" if self.dataset == "digits" else (
-            "mnist" if "mnist" in self.dataset else "cpu-cifar"
-        )
-        auto_ft = {"digits": "digits-finetune", "mnist": "cpu-finetune"}.get(family, "cpu-finetune")
-
-        def resolve(value: str | TrainRecipe, auto: str) -> TrainRecipe:
-            if isinstance(value, TrainRecipe):
-                return value
-            return preset(auto if value == "auto" else value)
-
-        return resolve(self.train, family), resolve(self.finetune, auto_ft)
+    def _presets(cls, data: Any) -> Any:
+        """``train``/``finetune`` may name a preset; ``auto`` (default) picks one by dataset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        dataset = str(data.get("dataset", "digits"))
+        for key in ("train", "finetune"):
+            value = data.get(key, "auto")
+            if isinstance(value, str):
+                name = auto_preset(dataset, key) if value == "auto" else value
+                if name not in PRESETS:
+                    raise ValueError(
+                        f"{key}: unknown recipe preset {value!r}; presets: auto, "
+                        f"{', '.join(PRESETS)} (or give the recipe's fields)"
+                    )
+                data[key] = PRESETS[name]
+        return data
 
     def check_names(self) -> None:
         """Fail on unknown method/model/dataset names before any training starts."""
@@ -150,7 +157,7 @@ def run_job(
     and renamed), so a crash never leaves half a result behind.
     """
     config.check_names()
-    train_recipe, finetune_recipe = config.recipes()
+    train_recipe, finetune_recipe = config.train, config.finetune
     seed_everything(config.seed)
     bundle = datasets.load(config.dataset, config.data_dir, val_fraction=config.val_fraction)
     model_kwargs = dict(num_classes=bundle.num_classes, input_shape=tuple(bundle.input_shape))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -9,10 +10,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from prunelab.errors import InvalidValueError
 from prunelab.metrics.flops import as_inputs
+from prunelab.sparsity import make_permanent, masked_modules
 from prunelab.utils import eval_mode
 
 
@@ -42,18 +43,20 @@ def measure_latency(
 ) -> Latency:
     """Median forward time over ``repeats`` runs after ``warmup`` runs, with ``threads`` threads.
 
-    Masks are applied once before timing (``parametrize.cached``), so a masked model is timed as
-    the dense network it is, not with the cost of re-multiplying masks on every call.
+    A masked model is timed as what it ships as: a copy with the masks made permanent (dense
+    tensors holding zeros), not with the cost of re-applying masks on every call.
     """
     if repeats < 1 or warmup < 0:
         raise InvalidValueError("latency needs repeats >= 1 and warmup >= 0")
+    if masked_modules(model):
+        model = make_permanent(copy.deepcopy(model))
     inputs = as_inputs(example_input)
     old_threads = torch.get_num_threads()
     threads = threads or old_threads
     torch.set_num_threads(threads)
     times: list[float] = []
     try:
-        with eval_mode(model), torch.inference_mode(), parametrize.cached():
+        with eval_mode(model), torch.inference_mode():
             for _ in range(warmup):
                 model(*inputs)
             for _ in range(repeats):
