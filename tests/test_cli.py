@@ -144,3 +144,20 @@ def test_inspect_a_pruned_checkpoint(tmp_path) -> None:
     result = runner.invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
     assert "26,620" in result.output  # effective MACs: 10% of 266,200
+
+
+def test_docs_methods_reference_is_current() -> None:
+    from prunelab.methods import methods_markdown
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
+    assert docs.read_text() == methods_markdown(), "run: prunelab methods --markdown > docs/methods.md"
+
+
+def test_example_run_configs_validate() -> None:
+    from prunelab.config import load_config
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    configs = [p for p in examples.glob("*.yaml") if "grid" not in p.read_text()]
+    assert configs
+    for path in configs:
+        load_config(RunConfig, path).check_names()

@@ -217,3 +217,22 @@ def test_make_permanent_on_a_copy_leaves_the_original_masked() -> None:
     prunelab.remove_masks(copy.deepcopy(model))
     assert mask_sparsity(model) == pytest.approx(0.5, abs=1e-3)
     assert zero_count(model) == round(0.5 * prunable_count(model))
+
+
+@settings(max_examples=20, deadline=None)
+@given(compression=st.floats(1.0, 20.0))
+def test_compression_target_counts_every_parameter(compression: float) -> None:
+    from prunelab.sparsity import sparsity_for_compression
+
+    model = small_net()
+    torch.nn.init.constant_(model[1].bias, 0.1)  # as after training: no accidental zeros
+    prunelab.prune(model, "magnitude", sparsity_for_compression(model, compression))
+    m = prunelab.measure(model, torch.zeros(1, 3, 6, 6))
+    assert m.compression == pytest.approx(compression, rel=0.01)
+
+
+def test_unreachable_compression_says_what_is_reachable() -> None:
+    from prunelab.sparsity import sparsity_for_compression
+
+    with pytest.raises(InvalidValueError, match="at most"):
+        sparsity_for_compression(small_net(), 1000.0)

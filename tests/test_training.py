@@ -104,6 +104,9 @@ def test_masked_training_keeps_sparsity() -> None:
 def test_iterative_sparsities_are_geometric() -> None:
     steps = iterative_sparsities(0.875, 3)
     assert steps == pytest.approx([0.5, 0.75, 0.875])
+    assert iterative_sparsities(0.875, 2, start=0.5) == pytest.approx([0.75, 0.875])
+    with pytest.raises(InvalidValueError, match="already"):
+        iterative_sparsities(0.5, 2, start=0.75)
     with pytest.raises(InvalidValueError):
         iterative_sparsities(0.9, 0)
 
@@ -131,6 +134,8 @@ def test_iterative_with_recovery_calls_recover_each_round() -> None:
     seen: list[float] = []
     iterative(model, Pruner("magnitude"), 0.9, 3, recover=lambda m: seen.append(mask_sparsity(m)))
     assert seen == pytest.approx(iterative_sparsities(0.9, 3), abs=1e-2)
+    iterative(model, Pruner("magnitude"), 0.99, 2, recover=lambda m: seen.append(mask_sparsity(m)))
+    assert seen[3:] == pytest.approx(iterative_sparsities(0.99, 2, start=0.9), abs=1e-2)
 
 
 def test_rewinding_restores_early_weights_under_the_mask() -> None:

@@ -111,10 +111,15 @@ def results_table(rows: list[dict]) -> Table:
 
 
 @app.command()
-def methods() -> None:
+def methods(
+    markdown: Annotated[bool, typer.Option(help="print docs/methods.md instead of a table")] = False,
+) -> None:
     """List the registered pruning methods and their options."""
-    from prunelab.methods import METHODS
+    from prunelab.methods import METHODS, methods_markdown
 
+    if markdown:
+        sys.stdout.write(methods_markdown())
+        return
     table = Table(title="pruning methods")
     for column in ("name", "granularity", "needs data", "description", "options"):
         table.add_column(column)

@@ -16,7 +16,7 @@ from torch import nn
 from prunelab.checkpoint import load_state_dict
 from prunelab.errors import InvalidValueError
 from prunelab.pruning import prune
-from prunelab.sparsity import check_sparsity
+from prunelab.sparsity import check_sparsity, mask_sparsity
 from prunelab.training.trainer import Callback, TrainState
 
 Recover = Callable[[nn.Module], Any]
@@ -52,15 +52,20 @@ class Pruner:
         )
 
 
-def iterative_sparsities(target: float, rounds: int) -> list[float]:
+def iterative_sparsities(target: float, rounds: int, start: float = 0.0) -> list[float]:
     """Cumulative targets of ``rounds`` rounds that each remove the same fraction of what is left.
 
-    Round r reaches ``1 - (1 - target) ** (r / rounds)``; the last round reaches ``target``.
+    From ``start`` sparsity, round r reaches ``1 - (1 - start) * ((1 - target) / (1 - start)) **
+    (r / rounds)``; the last round reaches ``target``.
     """
     check_sparsity(target)
+    check_sparsity(start, "start sparsity")
     if rounds < 1:
         raise InvalidValueError(f"rounds must be at least 1, got {rounds}")
-    return [1 - (1 - target) ** (r / rounds) for r in range(1, rounds + 1)]
+    if start > target:
+        raise InvalidValueError(f"the model is already {start:.3f} sparse, above {target}")
+    keep = (1 - target) / (1 - start)
+    return [1 - (1 - start) * keep ** (r / rounds) for r in range(1, rounds + 1)]
 
 
 def one_shot(
@@ -80,8 +85,11 @@ def iterative(
     rounds: int,
     recover: Recover | None = None,
 ) -> nn.Module:
-    """Prune in ``rounds`` geometric steps to ``sparsity``, recovering after each (Han et al.)."""
-    for target in iterative_sparsities(sparsity, rounds):
+    """Prune in ``rounds`` geometric steps to ``sparsity``, recovering after each (Han et al.).
+
+    Starts from the model's current sparsity, so a second call continues where the first ended.
+    """
+    for target in iterative_sparsities(sparsity, rounds, start=mask_sparsity(model)):
         pruner(model, target)
         if recover is not None:
             recover(model)

@@ -14,6 +14,7 @@ from prunelab.sparsity.masks import (
     prunable_weights,
     remove_masks,
     set_mask,
+    sparsity_for_compression,
 )
 from prunelab.sparsity.select import keep_mask_from_scores
 
@@ -32,4 +33,5 @@ __all__ = [
     "prunable_weights",
     "remove_masks",
     "set_mask",
+    "sparsity_for_compression",
 ]

@@ -238,3 +238,25 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
             "for a compression ratio c use sparsity = 1 - 1/c"
         )
     return value
+
+
+def sparsity_for_compression(model: nn.Module, compression: float, **selection) -> float:
+    """The sparsity of the prunable weights that makes ``params / non-zeros == compression``.
+
+    Compression counts every parameter (biases, normalisation, layers left dense), as ShrinkBench
+    does, so a compression target asks more of the prunable weights than ``1 - 1/c``. Keyword
+    arguments select the prunable layers as in :func:`prunable_weights`.
+    """
+    if not compression >= 1.0:
+        raise InvalidValueError(f"compression must be >= 1 (params / non-zeros), got {compression}")
+    total = sum(p.numel() for p in model.parameters())
+    prunable = sum(w.numel() for w in prunable_weights(model, **selection))
+    fixed = total - prunable  # never pruned, always counted as non-zero
+    target_nonzero = total / compression
+    if target_nonzero < fixed:
+        reachable = total / max(fixed, 1)
+        raise InvalidValueError(
+            f"compression {compression}x is out of reach: {fixed:,} parameters are not prunable, "
+            f"so at most {reachable:.1f}x is possible"
+        )
+    return check_sparsity(1.0 - (target_nonzero - fixed) / prunable, "sparsity for compression")
