@@ -11,9 +11,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import median, report
 
 import prunelab
+from common import median, report
 from prunelab.training import TrainRecipe
 
 

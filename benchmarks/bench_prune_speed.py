@@ -11,11 +11,11 @@ import copy
 
 import torch
 import torchvision
-from common import median, report, timed
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunelab
+from common import median, report, timed
 from prunelab.sparsity import get_mask, prunable_weights
 
 

@@ -14,11 +14,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import report
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import prunelab
+from common import report
 from prunelab.training import TrainRecipe, train
 
 

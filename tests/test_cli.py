@@ -150,7 +150,8 @@ def test_docs_methods_reference_is_current() -> None:
     from prunelab.methods import methods_markdown
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
-    assert docs.read_text() == methods_markdown(), "run: prunelab methods --markdown > docs/methods.md"
+    regenerate = "run: prunelab methods --markdown > docs/methods.md"
+    assert docs.read_text() == methods_markdown(), regenerate
 
 
 def test_example_run_configs_validate() -> None:

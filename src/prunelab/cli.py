@@ -112,7 +112,7 @@ def results_table(rows: list[dict]) -> Table:
 
 @app.command()
 def methods(
-    markdown: Annotated[bool, typer.Option(help="print docs/methods.md instead of a table")] = False,
+    markdown: Annotated[bool, typer.Option(help="print docs/methods.md, not a table")] = False,
 ) -> None:
     """List the registered pruning methods and their options."""
     from prunelab.methods import METHODS, methods_markdown
