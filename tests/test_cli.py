@@ -57,14 +57,18 @@ def test_same_seed_gives_identical_numbers(tmp_path) -> None:
     ("schedule", "recovery"),
     [({"kind": "iterative", "rounds": 2}, {"kind": "finetune"}),
      ({"kind": "gradual"}, {"kind": "finetune"}),
-     ({"kind": "one-shot"}, {"kind": "rewind", "rewind_epoch": 1})],
+     ({"kind": "one-shot"}, {"kind": "rewind", "rewind_epoch": 1}),
+     ({"kind": "one-shot"}, {"kind": "scratch-e"}),
+     ({"kind": "iterative", "rounds": 2}, {"kind": "scratch-b"}),
+     ({"kind": "one-shot"}, {"kind": "none"})],
 )
 def test_schedules_and_recovery_modes_run(tmp_path, schedule, recovery) -> None:
     config = quick_config(tmp_path, schedule=schedule, recovery=recovery, sparsities=[0.8],
                           latency={"enabled": False})
     rows = run_job(config, quiet=True, write=False).rows
     assert rows[1]["achieved_sparsity"] == pytest.approx(0.8, abs=1e-2)
-    assert rows[1]["test_top1"] > 50
+    # Above chance (10%); from-scratch and unrecovered runs are weak with 4 epochs.
+    assert rows[1]["test_top1"] > (20 if recovery["kind"] in ("none", "scratch-e") else 50)
 
 
 def test_a_failure_leaves_no_results_folder(tmp_path) -> None:

@@ -194,6 +194,60 @@ def inspect(
     console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
 
 
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. examples/*.yaml")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="results folder (resumable)")],
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs in parallel")] = 1,
+    executor: Annotated[str, typer.Option(help="local or ray")] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start Ray here)")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+) -> None:
+    """Run a benchmark grid into OUT; re-running finishes only what is missing."""
+    from prunelab.bench import SweepSpec, run_sweep
+    from prunelab.config import load_config
+
+    summary = run_sweep(load_config(SweepSpec, spec), out, jobs=jobs, executor=executor,
+                        address=address, quiet=quiet, console=err_console)
+    console.print(
+        f"{summary.total} runs: {summary.skipped} already done, {summary.ok} finished, "
+        f"{summary.failed} failed ({summary.seconds:.1f} s). Store: {summary.store}"
+    )
+    if summary.failed:
+        console.print("see the errors with: prunelab results OUT --failed")
+
+
+@app.command()
+def results(
+    folder: Annotated[Path, typer.Argument(help="a sweep's results folder")],
+    where: Annotated[
+        list[str] | None, typer.Option(help="column=value filter (repeatable)")
+    ] = None,
+    failed: Annotated[bool, typer.Option(help="show failed runs and their errors")] = False,
+    csv_path: Annotated[Path | None, typer.Option("--csv", help="export rows as CSV")] = None,
+) -> None:
+    """Print (and optionally export) the rows of a results store."""
+    from prunelab.bench.results import show_results
+
+    filters = {}
+    for item in where or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--where takes column=value, got {item!r}")
+        filters[key] = value
+    show_results(folder, filters, failed=failed, csv_path=csv_path, console=console)
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="a sweep's results folder")]) -> None:
+    """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report."""
+    from prunelab.bench.report import write_report
+
+    console.print(f"report: {write_report(folder)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2, without a traceback."""
     try:

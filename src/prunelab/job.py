@@ -6,7 +6,6 @@ or flags choose the model, dataset, method, schedule and recovery.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -17,86 +16,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
+from pydantic import Field, field_validator
 
-from prunelab import data as datasets
-from prunelab import models
 from prunelab.errors import ConfigError
-from prunelab.methods import METHODS
-from prunelab.metrics import evaluate, measure
+from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
 from prunelab.provenance import config_hash, environment
-from prunelab.schedules import GradualPruning, Pruner, Snapshot, iterative, one_shot, rewind_weights
-from prunelab.sparsity import check_sparsity, mask_sparsity
-from prunelab.training import PRESETS, TrainRecipe, train
-from prunelab.utils import seed_everything
+from prunelab.sparsity import check_sparsity
 
 
-class ScheduleConfig(BaseModel):
-    """When to prune: ``one-shot``, ``iterative`` (geometric rounds) or ``gradual`` (AGP)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["one-shot", "iterative", "gradual"] = "one-shot"
-    rounds: int = Field(3, ge=1)
-    agp_start: float = Field(0.0, ge=0, lt=1)
-    agp_end: float = Field(0.75, gt=0, le=1)
-    agp_frequency: int | None = Field(None, ge=1, description="steps between mask updates")
-
-
-class RecoveryConfig(BaseModel):
-    """After pruning: ``finetune``, ``rewind`` (lottery ticket, to epoch k) or ``none``."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["finetune", "rewind", "none"] = "finetune"
-    rewind_epoch: int = Field(0, ge=0)
-
-
-class LatencyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    batch_size: int = Field(1, ge=1)
-    repeats: int = Field(30, ge=1)
-    threads: int = Field(1, ge=1)
-
-
-def auto_preset(dataset: str, stage: str) -> str:
-    """The CPU-sized recipe preset for ``dataset`` and ``stage`` (``train`` or ``finetune``)."""
-    if dataset == "digits":
-        return "digits" if stage == "train" else "digits-finetune"
-    if "mnist" in dataset:
-        return "mnist" if stage == "train" else "cpu-finetune"
-    return "cpu-cifar" if stage == "train" else "cpu-finetune"
-
-
-class RunConfig(BaseModel):
+class RunConfig(ExperimentConfig):
     """Everything ``prunelab run`` needs; every key has a default (the digits demo)."""
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str = "run"
-    model: str = "lenet-300-100"
-    model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    dataset: str = "digits"
-    data_dir: str | None = None
-    val_fraction: float = Field(0.1, ge=0, lt=1)
     method: str = "magnitude"
     method_options: dict[str, Any] = Field(default_factory=dict)
     scope: Literal["global", "layer"] = "global"
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9, 0.95])
-    include: list[str] | None = None
-    exclude: list[str] = Field(default_factory=list)
-    exclude_first: bool = False
-    exclude_last: bool = False
-    layer_sparsity: dict[str, float] = Field(default_factory=dict)
-    calibration_batches: int = Field(8, ge=1)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
-    train: TrainRecipe = Field(default_factory=TrainRecipe)
-    finetune: TrainRecipe = Field(default_factory=TrainRecipe)
-    keep_best: bool = True
     seed: int = 0
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
     out: str = "runs"
 
     @field_validator("sparsities")
@@ -106,33 +42,10 @@ class RunConfig(BaseModel):
             raise ValueError("give at least one sparsity")
         return [check_sparsity(v) for v in value]
 
-    @model_validator(mode="before")
-    @classmethod
-    def _presets(cls, data: Any) -> Any:
-        """``train``/``finetune`` may name a preset; ``auto`` (default) picks one by dataset."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        dataset = str(data.get("dataset", "digits"))
-        for key in ("train", "finetune"):
-            value = data.get(key, "auto")
-            if isinstance(value, str):
-                name = auto_preset(dataset, key) if value == "auto" else value
-                if name not in PRESETS:
-                    raise ValueError(
-                        f"{key}: unknown recipe preset {value!r}; presets: auto, "
-                        f"{', '.join(PRESETS)} (or give the recipe's fields)"
-                    )
-                data[key] = PRESETS[name]
-        return data
-
-    def check_names(self) -> None:
-        """Fail on unknown method/model/dataset names before any training starts."""
-        METHODS.get(self.method)
-        datasets.check_name(self.dataset)
-        models.check_name(self.model)
-        if self.schedule.kind == "gradual" and self.recovery.kind != "finetune":
-            raise ConfigError("gradual pruning happens while fine-tuning: use recovery finetune")
+    def check_names(self, methods: list[str] = ()) -> None:
+        super().check_names([self.method, *methods])
+        if self.schedule.kind == "gradual" and self.recovery.kind == "rewind":
+            raise ConfigError("gradual pruning happens while fine-tuning: it cannot rewind")
 
 
 @dataclass
@@ -157,149 +70,30 @@ def run_job(
     and renamed), so a crash never leaves half a result behind.
     """
     config.check_names()
-    train_recipe, finetune_recipe = config.train, config.finetune
-    seed_everything(config.seed)
-    bundle = datasets.load(config.dataset, config.data_dir, val_fraction=config.val_fraction)
-    model_kwargs = dict(num_classes=bundle.num_classes, input_shape=tuple(bundle.input_shape))
-    model_kwargs.update(config.model_kwargs)
-    model = models.create(config.model, **model_kwargs)
-    loaders = _Loaders(bundle, config.seed)
-    val = loaders.get("val", train_recipe.batch_size) if len(bundle.val[1]) else None
-    keep_best = config.keep_best and val is not None
-    topk = (1, 5) if bundle.num_classes > 10 else (1,)
-
     started = time.perf_counter()
-    snapshot = Snapshot(config.recovery.rewind_epoch)
-    callbacks = [snapshot] if config.recovery.kind == "rewind" else []
-    dense_fit = train(
-        model, loaders.get("train", train_recipe.batch_size, shuffle=True), train_recipe,
-        val_data=val, callbacks=callbacks, keep_best=keep_best, quiet=quiet,
-        description="dense",
-    )
-    example = bundle.test[0][: config.latency.batch_size].float()
-    rows = [_row(config, model, None, bundle, loaders, topk, example, dense_fit.seconds, None)]
+    experiment = Experiment(config, quiet=quiet)
+    snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()
+    dense = experiment.train_dense(config.seed, snapshot_epochs)
+    rows = [dense.row | {"target_sparsity": 0.0}]
     if on_row:
         on_row(rows[0])
-    dense_latency = rows[0].get("latency_ms")
-
+    choice = MethodChoice(method=config.method, scope=config.scope,
+                          options=config.method_options)
     for sparsity in config.sparsities:
-        seed_everything(config.seed)
-        pruned = copy.deepcopy(model)
-        pruner = Pruner(
-            method=config.method, scope=config.scope, options=config.method_options,
-            include=tuple(config.include) if config.include is not None else None,
-            exclude=tuple(config.exclude), exclude_first=config.exclude_first,
-            exclude_last=config.exclude_last, layer_sparsity=config.layer_sparsity,
-            data=_Limited(loaders.get("train", train_recipe.batch_size, shuffle=True),
-                          config.calibration_batches),
-        )
         t0 = time.perf_counter()
-        recover = _recovery(config, train_recipe, finetune_recipe, loaders, val, keep_best,
-                            snapshot, quiet, f"{sparsity:.0%}")
-        if config.schedule.kind == "one-shot":
-            one_shot(pruned, pruner, sparsity, recover)
-        elif config.schedule.kind == "iterative":
-            iterative(pruned, pruner, sparsity, config.schedule.rounds, recover)
-        else:
-            steps = len(loaders.get("train", finetune_recipe.batch_size))
-            agp = GradualPruning(
-                pruner, sparsity, start=config.schedule.agp_start, end=config.schedule.agp_end,
-                frequency=config.schedule.agp_frequency or max(1, steps // 4),
-            )
-            train(pruned, loaders.get("train", finetune_recipe.batch_size, shuffle=True),
-                  finetune_recipe, val_data=val, callbacks=[agp], quiet=quiet,
-                  description=f"gradual {sparsity:.0%}")
-        row = _row(config, pruned, sparsity, bundle, loaders, topk, example,
-                   time.perf_counter() - t0, dense_latency)
+        pruned = experiment.prune_and_recover(dense, choice, sparsity, config.seed)
+        row = experiment.row(pruned, config.seed, time.perf_counter() - t0)
+        row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
+                   recovery=config.recovery.kind, target_sparsity=sparsity)
+        if "latency_ms" in row and "latency_ms" in dense.row:
+            row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
         rows.append(row)
         if on_row:
             on_row(row)
-
     env = environment()
     env["wall_seconds"] = time.perf_counter() - started
     folder = _write_results(config, rows, env) if write else None
     return RunResult(rows=rows, folder=folder, environment=env)
-
-
-class _Loaders:
-    """Batches of the bundle, built once per (split, batch size, shuffle)."""
-
-    def __init__(self, bundle: Any, seed: int):
-        self.bundle, self.seed, self._cache = bundle, seed, {}
-
-    def get(self, split: str, batch_size: int, shuffle: bool = False):
-        key = (split, batch_size, shuffle)
-        if key not in self._cache:
-            self._cache[key] = self.bundle.loader(
-                split, batch_size, shuffle=shuffle, seed=self.seed, augment=shuffle or None
-            )
-        return self._cache[key]
-
-
-class _Limited:
-    """The first ``n`` batches of a loader, re-iterable (calibration data)."""
-
-    def __init__(self, batches: Any, n: int):
-        self.batches, self.n = batches, n
-
-    def __iter__(self):
-        for i, batch in enumerate(self.batches):
-            if i >= self.n:
-                return
-            yield batch
-
-
-def _recovery(config, train_recipe, finetune_recipe, loaders, val, keep_best, snapshot, quiet,
-              label) -> Callable[[nn.Module], Any] | None:
-    kind = config.recovery.kind
-    if kind == "none" or config.schedule.kind == "gradual":
-        return None
-    if kind == "finetune":
-        recipe, start = finetune_recipe, 0
-    else:
-        recipe, start = train_recipe, config.recovery.rewind_epoch
-        if start >= recipe.epochs:
-            raise ConfigError(
-                f"rewind_epoch {start} must be below the training epochs ({recipe.epochs})"
-            )
-
-    def recover(model: nn.Module) -> None:
-        if kind == "rewind":
-            rewind_weights(model, snapshot.state)
-        train(model, loaders.get("train", recipe.batch_size, shuffle=True), recipe,
-              val_data=val, keep_best=keep_best, start_epoch=start, quiet=quiet,
-              description=f"{kind} {label}")
-
-    return recover
-
-
-def _row(config: RunConfig, model: nn.Module, sparsity: float | None, bundle: Any, loaders: Any,
-         topk: tuple[int, ...], example: torch.Tensor, seconds: float,
-         dense_latency: float | None) -> dict[str, Any]:
-    test = evaluate(model, loaders.get("test", 256), topk=topk)
-    size = measure(model, example, latency=config.latency.enabled,
-                   latency_repeats=config.latency.repeats, latency_threads=config.latency.threads)
-    row: dict[str, Any] = {
-        "method": "dense" if sparsity is None else config.method,
-        "scope": None if sparsity is None else config.scope,
-        "schedule": None if sparsity is None else config.schedule.kind,
-        "recovery": None if sparsity is None else config.recovery.kind,
-        "model": config.model,
-        "dataset": config.dataset,
-        "seed": config.seed,
-        "target_sparsity": sparsity or 0.0,
-        "achieved_sparsity": mask_sparsity(model),
-        "test_top1": test["top1"],
-        "test_loss": test["loss"],
-        "test_samples": test["samples"],
-    }
-    if "top5" in test:
-        row["test_top5"] = test["top5"]
-    row.update(size.summary())
-    if dense_latency and "latency_ms" in row:
-        row["measured_speedup"] = dense_latency / row["latency_ms"]
-    row["seconds"] = seconds
-    return row
 
 
 def _write_results(config: RunConfig, rows: list[dict], env: dict) -> Path:

@@ -1,0 +1,207 @@
+"""``prunelab report``: a self-contained HTML report of a results folder, plus PNG/SVG figures.
+
+Figures follow ShrinkBench's advice: accuracy against compression and against theoretical
+speed-up on log axes, mean ± std over seeds, the unpruned model as a reference line. Tables give
+mean, std and the 95% confidence interval per method × recovery × target, and compare the
+recovery modes (fine-tune, rewind, Scratch-E, Scratch-B) side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prunelab.bench.stats import group_rows, summarize, table
+from prunelab.bench.store import ResultStore
+from prunelab.bench.sweep import STORE
+from prunelab.errors import PrunelabError
+
+# A check run by the browser: records script errors and whether every figure decoded.
+CHECK_SCRIPT = """
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message)));
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.figures = ok + '/' + imgs.length;
+  document.body.dataset.errors = String(window.__errors.length);
+});
+"""
+
+
+def write_report(folder: str | os.PathLike) -> Path:
+    """Write ``folder/report/index.html`` (+ figures) from ``folder/results.sqlite``."""
+    folder = Path(folder)
+    if not (folder / STORE).is_file():
+        raise PrunelabError(f"no results store at {str(folder / STORE)!r}; run a sweep first")
+    with ResultStore(folder / STORE) as store:
+        rows = store.rows()
+        failed = store.rows(status="failed")
+    if not rows:
+        raise PrunelabError(f"{str(folder)!r} has no finished runs to report yet")
+    out = folder / "report"
+    out.mkdir(exist_ok=True)
+    figures = _figures(rows, out)
+    page = _page(folder, rows, failed, figures)
+    tmp = out / f".index.{os.getpid()}.tmp"
+    tmp.write_text(page)
+    os.replace(tmp, out / "index.html")
+    return out / "index.html"
+
+
+Point = tuple[float, float, float]
+
+
+def _series(rows: Sequence[Mapping[str, Any]], x: str) -> dict[str, list[Point]]:
+    """Per method/recovery: (mean x, mean top-1, std top-1) per target, sorted by x."""
+    series: dict[str, list[Point]] = {}
+    runs = [r for r in rows if r["method"] != "dense"]
+    recoveries = {r["recovery"] for r in runs}
+    for (label, recovery, _, _), members in group_rows(runs).items():
+        name = label if len(recoveries) == 1 else f"{label} + {recovery}"
+        top1 = summarize(r["test_top1"] for r in members)
+        xs = summarize(r[x] for r in members)
+        series.setdefault(name, []).append((xs.mean, top1.mean, top1.std))
+    return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    dense = summarize(r["test_top1"] for r in rows if r["method"] == "dense")
+    made = []
+    for x, label in (("compression", "compression (params / non-zeros)"),
+                     ("theoretical_speedup", "theoretical speed-up (dense / effective FLOPs)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, points in _series(rows, x).items():
+            xs, ys, errs = zip(*points, strict=True)
+            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+        if dense.n:
+            ax.axhline(dense.mean, color="black", linestyle="--", linewidth=1,
+                       label=f"unpruned ({dense.mean:.2f}%)")
+            ax.axhspan(dense.mean - dense.std, dense.mean + dense.std, color="grey", alpha=0.2)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_log_label))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_log_label))
+        ax.set_xlabel(label)
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        made.append((f"top1_vs_{x}", _save(fig, out, f"top1_vs_{x}")))
+        plt.close(fig)
+    return made
+
+
+def _log_label(value: float, _: int) -> str:
+    """Label 1, 2, 5 × powers of ten on a log axis (e.g. 2x, 5x, 10x, 20x)."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}x" if round(mantissa, 6) in (1.0, 2.0, 5.0) else ""
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    """Save PNG and SVG next to the report; return the PNG as base64 for embedding."""
+    fig.savefig(out / f"{name}.svg")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    (out / f"{name}.png").write_bytes(buffer.getvalue())
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _html_table(headers: Sequence[str], lines: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in line) + "</tr>"
+                   for line in lines)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _recovery_comparison(rows: list[dict[str, Any]]) -> str:
+    """Mean top-1 per method × target, one column per recovery mode."""
+    lines = table(rows)
+    recoveries = sorted({line["recovery"] for line in lines})
+    if len(recoveries) < 2:
+        return ""
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for line in lines:
+        key = (line["method"], line["target"])
+        std = line["top1_std"]
+        cells.setdefault(key, {})[line["recovery"]] = f"{line['top1_mean']:.2f} ± {std:.2f}"
+    body = [[m, t, *(cells[(m, t)].get(r, "–") for r in recoveries)] for m, t in sorted(cells)]
+    return ("<h2>Recovery modes compared (test top-1 %, mean ± std over seeds)</h2>"
+            "<p>Fine-tuning vs weight rewinding vs training the pruned network from scratch "
+            "for the same epochs (Scratch-E) or the same compute (Scratch-B).</p>"
+            + _html_table(["method", "target", *recoveries], body))
+
+
+def _page(folder: Path, rows: list[dict], failed: list[dict], figures: list[tuple[str, str]]
+          ) -> str:
+    dense = [r for r in rows if r["method"] == "dense"]
+    dense_top1 = summarize(r["test_top1"] for r in dense)
+    first = rows[0]
+    env = json.loads(first.get("environment_json") or "{}")
+    lines = table(rows)
+    main = _html_table(
+        ["method", "recovery", "target", "seeds", "top-1 mean", "std", "95% CI ±",
+         "compression", "theor. speed-up", "measured speed-up"],
+        [[x["method"], x["recovery"], x["target"], x["seeds"], x["top1_mean"], x["top1_std"],
+          x["top1_ci95"], x["compression"], x["speedup"], x["measured_speedup"]] for x in lines],
+    )
+    images = "".join(
+        f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{name.replace('_', ' ')} (also {name}.png / {name}.svg)</figcaption></figure>"
+        for name, data in figures
+    )
+    failures = ""
+    if failed:
+        failures = "<h2>Failed runs</h2>" + _html_table(
+            ["method", "recovery", "target", "seed", "error"],
+            [[f.get("label"), f.get("recovery"), f"{f.get('target_kind')} {f.get('target_value')}",
+              f.get("seed"), f.get("error")] for f in failed])
+    baseline = (f"{dense_top1.mean:.2f} ± {dense_top1.std:.2f}% over {dense_top1.n} seed(s)"
+                if dense_top1.n else "not recorded")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>prunelab report: {html.escape(folder.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
+</style><script>{CHECK_SCRIPT}</script></head>
+<body>
+<h1>Pruning benchmark: {html.escape(folder.name)}</h1>
+<p>{_fmt(first['model'])} on {_fmt(first.get('data_source') or first['dataset'])};
+{len(rows) - len(dense)} finished runs, {len(failed)} failed. Unpruned baseline: {baseline}.
+Accuracy is on the test set; epochs were chosen on a validation split.</p>
+{images}
+<h2>Results per method, recovery and target</h2>{main}
+{_recovery_comparison(rows)}
+{failures}
+<h2>Provenance</h2>
+<p>prunelab {_fmt(env.get('prunelab'))}, torch {_fmt(env.get('torch'))}, commit
+{_fmt(env.get('git_commit'))}, host {_fmt(env.get('host'))}. Every row in
+<code>results.sqlite</code> records its own config, seed, versions and commit.</p>
+</body></html>
+"""

@@ -1,0 +1,66 @@
+"""``prunelab results``: rows of a store as a table or CSV."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from prunelab.bench.store import COLUMNS, ResultStore
+from prunelab.bench.sweep import STORE
+from prunelab.errors import PrunelabError
+
+SHOWN = ("label", "recovery", "target_kind", "target_value", "seed", "test_top1",
+         "achieved_sparsity", "compression", "theoretical_speedup", "latency_ms", "seconds")
+FAILED = ("label", "recovery", "target_kind", "target_value", "seed", "error")
+
+
+def _typed(filters: Mapping[str, str]) -> dict[str, object]:
+    """Filter values from the command line as numbers where the column is numeric."""
+    out: dict[str, object] = {}
+    for key, value in filters.items():
+        kind = COLUMNS.get(key, "")
+        out[key] = (int(value) if kind.startswith("INTEGER") else
+                    float(value) if kind.startswith("REAL") else value)
+    return out
+
+
+def show_results(folder: Path, filters: Mapping[str, str], *, failed: bool = False,
+                 csv_path: Path | None = None, console: Console | None = None) -> list[dict]:
+    """Print the rows of ``folder``'s store, filtered; write them to ``csv_path`` if given."""
+    path = Path(folder) / STORE
+    if not path.is_file():
+        raise PrunelabError(f"no results store at {str(path)!r}; run `prunelab sweep` first")
+    try:
+        typed = _typed(filters)
+    except ValueError as exc:
+        raise PrunelabError(f"bad --where value: {exc}") from None
+    with ResultStore(path) as store:
+        rows = store.rows(typed, status="failed" if failed else "ok")
+    columns = FAILED if failed else SHOWN
+    table = Table(title=f"{len(rows)} {'failed ' if failed else ''}runs in {folder}")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in columns))
+    (console or Console()).print(table)
+    if csv_path is not None:
+        tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp")
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, csv_path)
+    return rows
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,128 @@
+"""Sweep specifications: an experiment plus a grid of methods × targets × seeds × recoveries.
+
+Every run of the grid has a key: the hash of everything that determines its result. The store
+keeps one row per key, which is what makes a sweep resumable and duplicate-free.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prunelab.experiment import ExperimentConfig, MethodChoice, RecoveryConfig
+from prunelab.provenance import config_hash
+from prunelab.sparsity import check_sparsity
+
+TargetKind = Literal["sparsity", "compression", "speedup"]
+
+
+class Targets(BaseModel):
+    """Pruning targets; give one or more kinds. ``speedup`` is a theoretical FLOPs reduction."""
+
+    model_config = ConfigDict(extra="forbid")
+    sparsity: list[float] = Field(default_factory=list)
+    compression: list[float] = Field(default_factory=list)
+    speedup: list[float] = Field(default_factory=list)
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, value: list[float]) -> list[float]:
+        return [check_sparsity(v) for v in value]
+
+    @field_validator("compression", "speedup")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if any(v < 1 for v in value):
+            raise ValueError("compression and speedup targets are ratios >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _some(self) -> Targets:
+        if not (self.sparsity or self.compression or self.speedup):
+            raise ValueError("give at least one target (sparsity, compression or speedup)")
+        return self
+
+    def pairs(self) -> list[tuple[str, float]]:
+        return [(kind, v) for kind in ("sparsity", "compression", "speedup")
+                for v in getattr(self, kind)]
+
+
+class Grid(BaseModel):
+    """What a sweep varies."""
+
+    model_config = ConfigDict(extra="forbid")
+    methods: list[MethodChoice]
+    targets: Targets
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    recoveries: list[RecoveryConfig] | None = None
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _method_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"method": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("recoveries", mode="before")
+    @classmethod
+    def _recovery_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"kind": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("methods", "seeds")
+    @classmethod
+    def _non_empty(cls, value: list) -> list:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+class RunSpec(BaseModel):
+    """One cell of the grid."""
+
+    choice: MethodChoice
+    target_kind: TargetKind
+    target_value: float
+    seed: int
+    recovery: RecoveryConfig
+
+
+class SweepSpec(ExperimentConfig):
+    """A benchmark: the experiment (model, data, recipes, schedule) and the grid to sweep."""
+
+    name: str = "sweep"
+    grid: Grid
+    threads: int | None = Field(None, ge=1, description="torch threads per run (default: split)")
+
+    def recoveries(self) -> list[RecoveryConfig]:
+        return self.grid.recoveries or [self.recovery]
+
+    def runs(self) -> list[RunSpec]:
+        """Every run of the grid, in a stable order (seeds outermost)."""
+        return [
+            RunSpec(choice=choice, target_kind=kind, target_value=value, seed=seed,
+                    recovery=recovery)
+            for seed in self.grid.seeds
+            for choice in self.grid.methods
+            for kind, value in self.grid.targets.pairs()
+            for recovery in self.recoveries()
+        ]
+
+    def experiment_fields(self) -> dict[str, Any]:
+        """What determines results (not the name, data location, grid or thread count)."""
+        return self.model_dump(mode="json", exclude={"name", "data_dir", "grid", "threads"})
+
+    def run_key(self, run: RunSpec) -> str:
+        return config_hash({"experiment": self.experiment_fields(),
+                            "run": run.model_dump(mode="json", exclude={"choice": {"label"}})})
+
+    def dense_run_key(self, seed: int) -> str:
+        return f"dense-{self.dense_key(seed)}"
+
+    def snapshot_epochs(self) -> set[int]:
+        return {r.rewind_epoch for r in self.recoveries() if r.kind == "rewind"}
+
+    def check_names(self, methods: list[str] = ()) -> None:
+        super().check_names([*methods, *(c.method for c in self.grid.methods)])

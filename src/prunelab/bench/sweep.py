@@ -1,0 +1,159 @@
+"""``prunelab sweep``: run a grid of runs in parallel, resumably, into one results store."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from prunelab.bench.executors import (
+    InlineExecutor,
+    LocalExecutor,
+    RayExecutor,
+    default_threads,
+    drain,
+)
+from prunelab.bench.spec import SweepSpec
+from prunelab.bench.store import ResultStore
+from prunelab.errors import InvalidValueError
+from prunelab.utils import progress_enabled
+
+STORE = "results.sqlite"
+
+
+@dataclass
+class SweepSummary:
+    total: int
+    skipped: int
+    ok: int
+    failed: int
+    seconds: float
+    store: Path
+
+
+def plan(spec: SweepSpec, store: ResultStore, out: Path, threads: int) -> tuple[list, list, int]:
+    """Tasks still to do: dense models (with their baseline rows), then runs. And how many
+    runs were already done."""
+    done = store.done()
+    runs = [(spec.run_key(r), r) for r in spec.runs()]
+    todo = [(k, r) for k, r in runs if k not in done]
+    common = {"spec": spec.model_dump(mode="json"), "out": str(out), "threads": threads}
+    seeds = sorted({r.seed for _, r in todo} |
+                   {s for s in spec.grid.seeds if spec.dense_run_key(s) not in done})
+    dense = [common | {"kind": "dense", "key": spec.dense_run_key(s), "seed": s} for s in seeds]
+    tasks = [common | {"kind": "run", "key": k, "run": r.model_dump(mode="json")}
+             for k, r in todo]
+    return dense, tasks, len(runs) - len(todo)
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: str | os.PathLike,
+    *,
+    jobs: int = 1,
+    executor: str = "local",
+    address: str | None = None,
+    quiet: bool = False,
+    console: Console | None = None,
+) -> SweepSummary:
+    """Run every missing run of ``spec`` into ``out/results.sqlite`` and return a summary.
+
+    Dense models are trained once per seed and cached in ``out/dense``; finished runs are skipped,
+    failed ones retried. ``jobs`` runs go in parallel, each with cores/jobs torch threads.
+    """
+    if jobs < 1:
+        raise InvalidValueError(f"--jobs must be at least 1, got {jobs}")
+    if executor not in ("local", "ray"):
+        raise InvalidValueError(f"executor must be local or ray, got {executor!r}")
+    spec.check_names()
+    console = console or Console(stderr=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_spec(spec, out)
+    threads = spec.threads or default_threads(jobs)
+    started = time.perf_counter()
+    ok = failed = 0  # runs (dense models are counted apart)
+    with ResultStore(out / STORE) as store:
+        dense, tasks, skipped = plan(spec, store, out, threads)
+        if not quiet:
+            console.print(f"sweep {spec.name!r}: {skipped + len(tasks)} runs, {skipped} already "
+                          f"done, {len(tasks)} to run ({len(dense)} dense models first); "
+                          f"{jobs} job(s) x {threads} thread(s), {executor} executor")
+        if not dense and not tasks:
+            return SweepSummary(skipped, skipped, 0, 0, 0.0, out / STORE)
+        if executor == "ray":
+            pool = RayExecutor(jobs, threads, address)
+        else:
+            pool = InlineExecutor() if jobs == 1 else LocalExecutor(jobs)
+        display = _Display(console, len(dense) + len(tasks), quiet)
+        try:
+            with display:
+                for phase in (dense, tasks):
+                    for task, row in pool.run(phase, lambda: display.phases(drain(pool.messages))):
+                        row = {"run_key": task["key"], **row}
+                        store.put(row)
+                        if task["kind"] == "run":
+                            ok += row["status"] == "ok"
+                            failed += row["status"] != "ok"
+                        display.finished(task, row)
+        finally:
+            pool.close()
+    return SweepSummary(skipped + len(tasks), skipped, ok, failed,
+                        time.perf_counter() - started, out / STORE)
+
+
+def _write_spec(spec: SweepSpec, out: Path) -> None:
+    """Keep the spec next to its results (atomically, so it is never half-written)."""
+    path = out / "spec.yaml"
+    tmp = path.with_name(f".spec.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
+
+
+class _Display:
+    """Overall progress (done/total, ETA), the phase of each run in flight, a line per run."""
+
+    def __init__(self, console: Console, total: int, quiet: bool):
+        self.console, self.quiet = console, quiet
+        self.live = progress_enabled(quiet) and console.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+            "{task.total}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+            transient=True, disable=not self.live,
+        )
+        self.overall = self.progress.add_task("sweep", total=total)
+        self.running: dict[str, int] = {}
+
+    def __enter__(self) -> _Display:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
+
+    def phases(self, messages: list[tuple[str, str]]) -> None:
+        for key, text in messages:
+            if key not in self.running:
+                self.running[key] = self.progress.add_task(f"  {key[:10]}", total=None)
+            self.progress.update(self.running[key], description=f"  {key[:10]} {text}")
+
+    def finished(self, task: dict, row: dict) -> None:
+        self.progress.advance(self.overall)
+        if task["key"] in self.running:
+            self.progress.remove_task(self.running.pop(task["key"]))
+        if self.quiet:
+            return
+        what = ("dense" if task["kind"] == "dense" else
+                f"{row.get('label')} {row.get('recovery')} {row.get('target_kind')}="
+                f"{row.get('target_value')}")
+        seed = task.get("seed", task.get("run", {}).get("seed"))
+        if row["status"] == "ok":
+            self.console.print(f"ok     {what} seed {seed}: top-1 {row['test_top1']:.2f}% "
+                               f"({row.get('seconds', 0):.1f} s)")
+        else:
+            self.console.print(f"FAILED {what} seed {seed}: {row.get('error')}")

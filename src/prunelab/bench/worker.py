@@ -1,0 +1,143 @@
+"""What runs in a worker process (local pool or Ray): train a dense model, or do one run.
+
+Tasks and results are plain dicts so they cross process and machine boundaries. Dense models are
+cached as checkpoint files in the results folder (for Ray clusters that folder must be on storage
+every node can reach); a file lock keeps two workers from training the same one at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab.bench.spec import RunSpec, SweepSpec
+from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
+from prunelab.experiment import DenseModel, Experiment
+from prunelab.provenance import config_hash, environment
+
+_experiments: dict[str, Experiment] = {}  # per worker process: data stays loaded between runs
+
+
+def ignore_progress(key: str, text: str) -> None:
+    """Default progress sink: no display attached."""
+
+
+_report: Callable[[str, str], None] = ignore_progress
+
+
+def set_progress(report: Callable[[str, str], None]) -> None:
+    """Route phase messages ``(task key, text)`` to the sweep's display."""
+    global _report
+    _report = report
+
+
+def _experiment(spec: SweepSpec, key: str) -> Experiment:
+    digest = config_hash(spec.experiment_fields() | {"data_dir": spec.data_dir})
+    if digest not in _experiments:
+        _experiments[digest] = Experiment(spec)
+    experiment = _experiments[digest]
+    experiment.on_phase = lambda text: _report(key, text)
+    return experiment
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def dense_path(out: Path, spec: SweepSpec, seed: int) -> Path:
+    return out / "dense" / f"{spec.dense_key(seed)}.pt"
+
+
+def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str) -> tuple[DenseModel, bool]:
+    """The cached dense model of ``seed`` (trained and cached first if missing)."""
+    path = dense_path(out, spec, seed)
+    needed = spec.snapshot_epochs()
+    experiment = _experiment(spec, key)
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file():
+            payload = read_checkpoint(path)
+            snapshots = {int(e): s for e, s in payload["extra"]["snapshots"].items()}
+            if needed <= set(snapshots):
+                model = load_state_dict(experiment.new_model(seed), payload["state_dict"])
+                return DenseModel(model, snapshots, payload["extra"]["row"]), False
+        dense = experiment.train_dense(seed, needed)
+        snapshots = {str(e): s for e, s in dense.snapshots.items()}
+        save_checkpoint(path, dense.model, model_name=spec.model,
+                        extra={"row": dense.row, "snapshots": snapshots})
+        return dense, True
+
+
+def execute(task: dict[str, Any]) -> dict[str, Any]:
+    """Run one task; never raises: a failure becomes a row with ``status = "failed"``."""
+    started = time.perf_counter()
+    spec = SweepSpec.model_validate(task["spec"])
+    threads = task.get("threads")
+    if threads:
+        torch.set_num_threads(threads)
+    base = {"run_key": task["key"], "sweep": spec.name, "config_hash": task["key"],
+            "threads": torch.get_num_threads(), "host": socket.gethostname()}
+    try:
+        if task["kind"] == "dense":
+            dense, _ = load_or_train_dense(Path(task["out"]), spec, task["seed"], task["key"])
+            row = dense.row | {"config_json": spec.experiment_fields() | {"seed": task["seed"]}}
+        else:
+            row = _run(Path(task["out"]), spec, RunSpec.model_validate(task["run"]), task["key"])
+        row["status"] = "ok"
+    except Exception as exc:  # recorded, and the sweep goes on
+        row = {"status": "failed", "error": _describe(exc)}
+        if task["kind"] == "run":
+            row |= _run_fields(spec, RunSpec.model_validate(task["run"]))
+        row.setdefault("seconds", time.perf_counter() - started)
+    env = environment()
+    row |= base | {"environment_json": env, "git_commit": env["git_commit"],
+                   "finished_at": env["time_utc"]}
+    return row
+
+
+def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:
+    return {
+        "method": run.choice.method, "label": run.choice.name, "scope": run.choice.scope,
+        "schedule": spec.schedule.kind, "recovery": run.recovery.kind, "seed": run.seed,
+        "model": spec.model, "dataset": spec.dataset, "target_kind": run.target_kind,
+        "target_value": run.target_value,
+        "config_json": {"experiment": spec.experiment_fields(), "run": run.model_dump()},
+    }
+
+
+def _run(out: Path, spec: SweepSpec, run: RunSpec, key: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    dense, _ = load_or_train_dense(out, spec, run.seed, key)
+    experiment = _experiment(spec, key)
+    _report(key, "pruning")
+    sparsity = experiment.resolve_sparsity(dense.model, run.target_kind, run.target_value,
+                                           experiment.pruner(run.choice, run.seed))
+    model = experiment.prune_and_recover(dense, run.choice, sparsity, run.seed, run.recovery)
+    _report(key, "measuring")
+    row = experiment.row(model, run.seed, time.perf_counter() - started)
+    row |= _run_fields(spec, run) | {"target_sparsity": sparsity,
+                                      "dense_top1": dense.row["test_top1"]}
+    if row.get("latency_ms") and dense.row.get("latency_ms"):
+        row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
+    return row
+
+
+def _describe(exc: BaseException) -> str:
+    """The error and where it happened (last frames), short enough for a table cell."""
+    frames = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = "; ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
+    return f"{type(exc).__name__}: {exc} [{where}]"

@@ -1,0 +1,390 @@
+"""One experimental setting and the stages every run goes through.
+
+``prunelab run`` (one method, several sparsities) and ``prunelab sweep`` (a grid of methods ×
+targets × seeds × recoveries, in parallel) both use :class:`Experiment`: train the dense model,
+prune it with a schedule, recover (fine-tune, rewind, Scratch-E, Scratch-B), evaluate and measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from prunelab import data as datasets
+from prunelab import models
+from prunelab.errors import ConfigError, InvalidValueError
+from prunelab.methods import METHODS
+from prunelab.metrics import evaluate, measure
+from prunelab.provenance import config_hash
+from prunelab.schedules import GradualPruning, Pruner, Snapshot, iterative, rewind_weights
+from prunelab.sparsity import check_sparsity, mask_sparsity, sparsity_for_compression
+from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
+from prunelab.utils import seed_everything
+
+RECOVERIES = ("finetune", "rewind", "scratch-e", "scratch-b", "none")
+SCRATCH_SEED_OFFSET = 10_000  # Scratch-E/B start from a fresh draw, not the dense model's init
+
+
+class ScheduleConfig(BaseModel):
+    """When to prune: ``one-shot``, ``iterative`` (geometric rounds) or ``gradual`` (AGP)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["one-shot", "iterative", "gradual"] = "one-shot"
+    rounds: int = Field(3, ge=1)
+    agp_start: float = Field(0.0, ge=0, lt=1)
+    agp_end: float = Field(0.75, gt=0, le=1)
+    agp_frequency: int | None = Field(None, ge=1, description="steps between mask updates")
+
+
+class RecoveryConfig(BaseModel):
+    """After pruning: fine-tune, rewind (lottery ticket) to epoch k, Scratch-E/B, or nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["finetune", "rewind", "scratch-e", "scratch-b", "none"] = "finetune"
+    rewind_epoch: int = Field(0, ge=0)
+    scratch_b_cap: float = Field(2.0, ge=1, description="max epoch multiplier of Scratch-B")
+
+
+class LatencyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    batch_size: int = Field(1, ge=1)
+    repeats: int = Field(30, ge=1)
+    threads: int = Field(1, ge=1)
+
+
+def auto_preset(dataset: str, stage: str) -> str:
+    """The CPU-sized recipe preset for ``dataset`` and ``stage`` (``train`` or ``finetune``)."""
+    if dataset == "digits":
+        return "digits" if stage == "train" else "digits-finetune"
+    if "mnist" in dataset:
+        return "mnist" if stage == "train" else "cpu-finetune"
+    return "cpu-cifar" if stage == "train" else "cpu-finetune"
+
+
+class ExperimentConfig(BaseModel):
+    """Model, data, recipes, schedule and recovery shared by every run of an experiment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "lenet-300-100"
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    dataset: str = "digits"
+    data_dir: str | None = None
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    data_limit: int | None = Field(None, ge=1, description="samples per split (CPU budgets)")
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+    exclude_first: bool = False
+    exclude_last: bool = False
+    layer_sparsity: dict[str, float] = Field(default_factory=dict)
+    calibration_batches: int = Field(8, ge=1)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    train: TrainRecipe = Field(default_factory=TrainRecipe)
+    finetune: TrainRecipe = Field(default_factory=TrainRecipe)
+    keep_best: bool = True
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, data: Any) -> Any:
+        """``train``/``finetune`` may name a preset; ``auto`` (default) picks one by dataset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        dataset = str(data.get("dataset", "digits"))
+        for key in ("train", "finetune"):
+            value = data.get(key, "auto")
+            if isinstance(value, str):
+                name = auto_preset(dataset, key) if value == "auto" else value
+                if name not in PRESETS:
+                    raise ValueError(
+                        f"{key}: unknown recipe preset {value!r}; presets: auto, "
+                        f"{', '.join(PRESETS)} (or give the recipe's fields)"
+                    )
+                data[key] = PRESETS[name]
+        return data
+
+    def check_names(self, methods: list[str] = ()) -> None:
+        """Fail on unknown method/model/dataset names before any training starts."""
+        for method in methods:
+            METHODS.get(method)
+        datasets.check_name(self.dataset)
+        models.check_name(self.model)
+
+    def dense_key(self, seed: int) -> str:
+        """Identifies the dense model of this setting and seed (its cache file name)."""
+        fields = ("model", "model_kwargs", "dataset", "val_fraction", "data_limit", "train",
+                  "keep_best")
+        return config_hash({"dense": self.model_dump(include=set(fields), mode="json"),
+                            "seed": seed})
+
+
+class MethodChoice(BaseModel):
+    """A method with its scope and options, e.g. ``{method: taylor, scope: layer}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    scope: Literal["global", "layer"] = "global"
+    options: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+
+    @property
+    def name(self) -> str:
+        """A readable label: ``magnitude/global`` unless one is given."""
+        return self.label or f"{self.method}/{self.scope}"
+
+
+@dataclass
+class DenseModel:
+    """A trained dense model, its snapshots for rewinding, and its own result row."""
+
+    model: nn.Module
+    snapshots: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+class _Phase(Callback):
+    """Reports training progress (epoch k of n) to the caller, e.g. a sweep's display."""
+
+    def __init__(self, report: Callable[[str], None], label: str):
+        self.report, self.label = report, label
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
+        self.report(f"{self.label} epoch {state.epoch}/{state.recipe.epochs}")
+
+
+class _Snapshots(Callback):
+    """Snapshots at several epochs (0 = initialisation)."""
+
+    def __init__(self, epochs: set[int]):
+        self.takers = {e: Snapshot(e) for e in epochs}
+
+    def on_train_begin(self, state: TrainState) -> None:
+        for taker in self.takers.values():
+            taker.on_train_begin(state)
+
+    def on_epoch_end(self, state: TrainState, metrics: dict) -> None:
+        for taker in self.takers.values():
+            taker.on_epoch_end(state, metrics)
+
+
+class Experiment:
+    """Data, loaders and recipes of one :class:`ExperimentConfig`, and the stages of a run."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        *,
+        quiet: bool = True,
+        on_phase: Callable[[str], None] | None = None,
+    ):
+        self.config, self.quiet = config, quiet
+        self.on_phase = on_phase or (lambda text: None)
+        self._loaders: dict[tuple, Any] = {}
+
+    @cached_property
+    def bundle(self) -> datasets.DataBundle:
+        c = self.config
+        return datasets.load(c.dataset, c.data_dir, val_fraction=c.val_fraction, limit=c.data_limit)
+
+    def loader(self, split: str, batch_size: int, seed: int = 0, shuffle: bool = False):
+        key = (split, batch_size, seed, shuffle)
+        if key not in self._loaders:
+            self._loaders[key] = self.bundle.loader(split, batch_size, shuffle=shuffle, seed=seed)
+        return self._loaders[key]
+
+    @property
+    def val(self):
+        return self.loader("val", 256) if self.bundle.sizes["val"] else None
+
+    @cached_property
+    def example(self) -> torch.Tensor:
+        """A batch of test inputs of the latency batch size (for FLOPs and latency)."""
+        return next(iter(self.loader("test", self.config.latency.batch_size)))[0]
+
+    def new_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the same seed gives the same weights."""
+        seed_everything(seed)
+        kwargs = {"num_classes": self.bundle.num_classes, "input_shape": self.bundle.input_shape}
+        return models.create(self.config.model, **(kwargs | self.config.model_kwargs))
+
+    def fit(self, model: nn.Module, recipe: TrainRecipe, seed: int, label: str,
+            callbacks: list[Callback] = (), start_epoch: int = 0) -> None:
+        """Train with the experiment's data; the epoch is chosen on validation (keep_best)."""
+        val = self.val
+        train(
+            model, self.loader("train", recipe.batch_size, seed, shuffle=True), recipe,
+            val_data=val, keep_best=self.config.keep_best and val is not None,
+            callbacks=[*callbacks, _Phase(self.on_phase, label)], start_epoch=start_epoch,
+            quiet=self.quiet, description=label,
+        )
+
+    def train_dense(self, seed: int, snapshot_epochs: set[int] = frozenset()) -> DenseModel:
+        """Train the dense model of ``seed``, keeping snapshots for rewinding."""
+        started = time.perf_counter()
+        model = self.new_model(seed)
+        snapshots = _Snapshots(set(snapshot_epochs))
+        self.fit(model, self.config.train, seed, "dense", [snapshots])
+        states = {e: s.state for e, s in snapshots.takers.items() if s.state is not None}
+        row = self.row(model, seed, time.perf_counter() - started)
+        row.update(method="dense", label="dense", recovery=None, target_kind=None,
+                   target_value=None)
+        return DenseModel(model, states, row)
+
+    def pruner(self, choice: MethodChoice, seed: int) -> Pruner:
+        c = self.config
+        options = dict(choice.options)
+        if choice.method == "random":
+            options.setdefault("seed", seed)  # random masks differ per seed unless fixed
+        calibration = _Limited(self.loader("train", c.finetune.batch_size, seed, shuffle=True),
+                               c.calibration_batches)
+        return Pruner(
+            method=choice.method, scope=choice.scope, options=options,
+            include=tuple(c.include) if c.include is not None else None,
+            exclude=tuple(c.exclude), exclude_first=c.exclude_first,
+            exclude_last=c.exclude_last, layer_sparsity=c.layer_sparsity,
+            data=calibration if METHODS.get(choice.method).needs_data else None,
+        )
+
+    def resolve_sparsity(self, model: nn.Module, kind: str, value: float,
+                         pruner: Pruner) -> float:
+        """Turn a target (sparsity, compression or FLOPs speed-up) into a sparsity."""
+        if kind == "sparsity":
+            return check_sparsity(value)
+        selection = dict(include=pruner.include, exclude=pruner.exclude,
+                         exclude_first=pruner.exclude_first, exclude_last=pruner.exclude_last)
+        if kind == "compression":
+            return sparsity_for_compression(model, value, **selection)
+        if kind == "speedup":
+            return _sparsity_for_speedup(model, value, pruner, self.example)
+        raise InvalidValueError(f"target kind must be sparsity, compression or speedup: {kind!r}")
+
+    def prune_and_recover(self, dense: DenseModel, choice: MethodChoice, sparsity: float,
+                          seed: int, recovery: RecoveryConfig | None = None) -> nn.Module:
+        """Copy the dense model, prune it with the schedule, then recover; returns the result."""
+        c = self.config
+        recovery = recovery or c.recovery
+        model = copy.deepcopy(dense.model)
+        pruner = self.pruner(choice, seed)
+        seed_everything(seed)
+
+        def finetune(m: nn.Module) -> None:
+            self.fit(m, c.finetune, seed, "finetune")
+
+        between = finetune if recovery.kind == "finetune" else None
+        if recovery.kind == "rewind":
+            if recovery.rewind_epoch >= c.train.epochs:
+                raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
+                                  f"training epochs ({c.train.epochs})")
+            state = dense.snapshots.get(recovery.rewind_epoch)
+            if state is None:
+                raise ConfigError(f"no snapshot at epoch {recovery.rewind_epoch} to rewind to")
+
+            def between(m: nn.Module) -> None:
+                rewind_weights(m, state)
+                self.fit(m, c.train, seed, "rewind", start_epoch=recovery.rewind_epoch)
+        elif recovery.kind in ("scratch-e", "scratch-b") and c.schedule.kind == "iterative":
+            between = finetune  # the mask is found by iterative pruning with fine-tuning
+
+        if c.schedule.kind == "gradual":
+            steps = len(self.loader("train", c.finetune.batch_size, seed, shuffle=True))
+            agp = GradualPruning(pruner, sparsity, start=c.schedule.agp_start,
+                                 end=c.schedule.agp_end,
+                                 frequency=c.schedule.agp_frequency or max(1, steps // 4))
+            self.fit(model, c.finetune, seed, "gradual", [agp])
+        else:
+            rounds = c.schedule.rounds if c.schedule.kind == "iterative" else 1
+            iterative(model, pruner, sparsity, rounds, between)
+        if recovery.kind in ("scratch-e", "scratch-b"):
+            self._scratch(model, dense, seed, recovery)
+        return model
+
+    def _scratch(self, model: nn.Module, dense: DenseModel, seed: int,
+                 recovery: RecoveryConfig) -> None:
+        """Re-initialise the pruned network (mask kept) and train it from scratch.
+
+        Scratch-E trains for the dense model's epochs; Scratch-B for the same compute budget:
+        epochs × FLOPs_dense / FLOPs_pruned, capped (2× for unstructured, as in "Rethinking").
+        """
+        recipe = self.config.train
+        fresh = self.new_model(seed + SCRATCH_SEED_OFFSET)
+        rewind_weights(model, fresh.state_dict())
+        if recovery.kind == "scratch-b":
+            dense_flops = measure(dense.model, self.example).flops
+            pruned_flops = measure(model, self.example).effective_flops
+            factor = min(dense_flops / max(pruned_flops, 1), recovery.scratch_b_cap)
+            recipe = recipe.model_copy(update={"epochs": math.ceil(recipe.epochs * factor)})
+        self.fit(model, recipe, seed, recovery.kind)
+
+    def row(self, model: nn.Module, seed: int, seconds: float) -> dict[str, Any]:
+        """Test accuracy (every sample), sizes, FLOPs and latency of ``model``."""
+        topk = (1, 5) if self.bundle.num_classes > 10 else (1,)
+        test = evaluate(model, self.loader("test", 256), topk=topk)
+        latency = self.config.latency
+        size = measure(model, self.example, latency=latency.enabled,
+                       latency_repeats=latency.repeats, latency_threads=latency.threads)
+        row: dict[str, Any] = {
+            "model": self.config.model,
+            "dataset": self.config.dataset,
+            "data_source": self.bundle.source,
+            "seed": seed,
+            "achieved_sparsity": mask_sparsity(model),
+            "test_top1": test["top1"],
+            "test_loss": test["loss"],
+            "test_samples": test["samples"],
+        }
+        if "top5" in test:
+            row["test_top5"] = test["top5"]
+        row.update(size.summary())
+        row["seconds"] = seconds
+        return row
+
+
+class _Limited:
+    """The first ``n`` batches of a loader, re-iterable (calibration data)."""
+
+    def __init__(self, batches: Any, n: int):
+        self.batches, self.n = batches, n
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i >= self.n:
+                return
+            yield batch
+
+
+def _sparsity_for_speedup(model: nn.Module, speedup: float, pruner: Pruner,
+                          example: torch.Tensor) -> float:
+    """Bisect the sparsity at which ``pruner`` reaches a theoretical FLOPs speed-up."""
+    if speedup < 1:
+        raise InvalidValueError(f"speedup must be >= 1 (dense FLOPs / pruned FLOPs), got {speedup}")
+
+    def achieved(sparsity: float) -> float:
+        return measure(pruner(copy.deepcopy(model), sparsity), example).theoretical_speedup
+
+    low, high = 0.0, 0.999
+    if achieved(high) < speedup:
+        raise InvalidValueError(
+            f"a {speedup}x FLOPs reduction is out of reach: pruning 99.9% of the prunable "
+            f"weights gives {achieved(high):.1f}x (FLOPs outside prunable layers remain)"
+        )
+    for _ in range(20):
+        middle = (low + high) / 2
+        low, high = (middle, high) if achieved(middle) < speedup else (low, middle)
+    return high
+
+
+def as_choices(methods: list[str | Mapping[str, Any]]) -> list[MethodChoice]:
+    """Method entries of a spec: names or mappings, validated."""
+    return [MethodChoice(method=m) if isinstance(m, str) else MethodChoice(**m) for m in methods]

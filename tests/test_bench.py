@@ -1,0 +1,256 @@
+"""Sweeps: spec validation, parallel runs, resumability, failures, the store, the report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prunelab.bench import ResultStore, SweepSpec, run_sweep
+from prunelab.bench.stats import summarize
+from prunelab.config import load_config, validate
+from prunelab.errors import ConfigError, UnknownNameError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "examples" / "digits-smoke.yaml"
+
+
+def tiny_spec(**grid) -> dict:
+    """A sweep of seconds: digits, few epochs, no latency."""
+    return {
+        "name": "tiny",
+        "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "schedule": "cosine"},
+        "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
+        "latency": {"enabled": False},
+        "grid": {"methods": ["magnitude"], "targets": {"sparsity": [0.5]}, "seeds": [0]} | grid,
+    }
+
+
+def sweep_cli(spec: Path, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prunelab.cli", "sweep", str(spec), "--out", str(out), "-q", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def ok_rows(out: Path) -> list[dict]:
+    with ResultStore(out / "results.sqlite") as store:
+        return store.rows()
+
+
+def test_spec_errors_name_the_key_before_any_training(tmp_path) -> None:
+    bad = tiny_spec()
+    bad["grid"]["methds"] = bad["grid"].pop("methods")
+    with pytest.raises(ConfigError, match=r"unknown key 'grid\.methds'.*Did you mean 'methods'"):
+        validate(SweepSpec, bad)
+    with pytest.raises(ConfigError, match=r"grid\.targets\.sparsity"):
+        validate(SweepSpec, tiny_spec(targets={"sparsity": [1.5]}))
+    with pytest.raises(ConfigError, match="at least one target"):
+        validate(SweepSpec, tiny_spec(targets={}))
+    with pytest.raises(ConfigError, match=r"grid\.recoveries\.0\.kind"):
+        validate(SweepSpec, tiny_spec(recoveries=["scratch-c"]))
+    spec = validate(SweepSpec, tiny_spec(methods=["magnitude", "snip-typo"]))
+    with pytest.raises(UnknownNameError, match="snip-typo"):
+        run_sweep(spec, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out" / "dense").exists()  # failed before training anything
+
+
+def test_smoke_example_in_parallel_then_nothing_left(tmp_path) -> None:
+    spec = load_config(SweepSpec, SMOKE)
+    assert len(spec.runs()) == 8
+    started = time.perf_counter()
+    summary = run_sweep(spec, tmp_path, jobs=2, quiet=True)
+    assert time.perf_counter() - started < 60
+    assert (summary.ok, summary.failed, summary.skipped) == (8, 0, 0)
+    rows = ok_rows(tmp_path)
+    assert len([r for r in rows if r["method"] == "dense"]) == 2
+    runs = [r for r in rows if r["method"] != "dense"]
+    assert sorted((r["label"], r["target_value"], r["seed"]) for r in runs) == sorted(
+        (f"{m}/global", s, seed) for m in ("magnitude", "random") for s in (0.5, 0.9)
+        for seed in (0, 1))
+    for row in runs:
+        assert row["achieved_sparsity"] == pytest.approx(row["target_value"], abs=1e-3)
+        assert row["git_commit"] is not None and row["config_json"] and row["environment_json"]
+        assert row["dense_top1"] > 90 and row["latency_ms"] > 0
+    again = run_sweep(spec, tmp_path, jobs=2, quiet=True)
+    assert (again.skipped, again.ok) == (8, 0)
+
+
+def test_same_spec_same_numbers(tmp_path) -> None:
+    spec = validate(SweepSpec, tiny_spec(methods=["random", "taylor"]))
+    run_sweep(spec, tmp_path / "a", quiet=True)
+    run_sweep(spec, tmp_path / "b", quiet=True)
+    key = lambda r: r["run_key"]  # noqa: E731
+    a, b = sorted(ok_rows(tmp_path / "a"), key=key), sorted(ok_rows(tmp_path / "b"), key=key)
+    assert [(r["run_key"], r["test_top1"], r["test_loss"]) for r in a] == [
+        (r["run_key"], r["test_top1"], r["test_loss"]) for r in b]
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path) -> None:
+    spec = validate(SweepSpec, tiny_spec(methods=["magnitude",
+                                                  {"method": "random", "options": {"bogus": 1}}]))
+    summary = run_sweep(spec, tmp_path, quiet=True)
+    assert (summary.ok, summary.failed) == (1, 1)
+    with ResultStore(tmp_path / "results.sqlite") as store:
+        failed = store.rows(status="failed")
+    assert len(failed) == 1 and "no option 'bogus'" in failed[0]["error"]
+    assert failed[0]["label"] == "random/global"
+    retry = run_sweep(spec, tmp_path, quiet=True)  # failed runs are retried, finished ones not
+    assert (retry.skipped, retry.failed) == (1, 1)
+
+
+def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
+    spec = validate(SweepSpec, tiny_spec(
+        recoveries=["finetune", "scratch-e", "scratch-b", {"kind": "rewind", "rewind_epoch": 1}],
+        targets={"sparsity": [0.75]}))
+    summary = run_sweep(spec, tmp_path, quiet=True)
+    assert (summary.ok, summary.failed) == (4, 0)
+    rows = {r["recovery"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
+    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind"}
+    assert all(r["achieved_sparsity"] == pytest.approx(0.75, abs=1e-3) for r in rows.values())
+    # Scratch-B trains for epochs x dense/pruned FLOPs = 3 x 4, capped at 2x: 6 epochs, twice
+    # as long as Scratch-E's 3.
+    assert rows["scratch-b"]["seconds"] > 1.5 * rows["scratch-e"]["seconds"]
+
+
+def test_compression_and_speedup_targets(tmp_path) -> None:
+    spec = validate(SweepSpec, tiny_spec(targets={"compression": [4.0], "speedup": [5.0]}))
+    run_sweep(spec, tmp_path, quiet=True)
+    rows = {r["target_kind"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
+    assert rows["compression"]["compression"] == pytest.approx(4.0, rel=0.01)
+    assert rows["speedup"]["theoretical_speedup"] == pytest.approx(5.0, rel=0.01)
+
+
+def test_kill_9_then_resume_finishes_only_what_is_missing(tmp_path) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec = tiny_spec(targets={"sparsity": [0.3, 0.5, 0.7, 0.8, 0.9, 0.95]}, seeds=[0])
+    spec["finetune"]["epochs"] = 4
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    process = sweep_cli(spec_path, out)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "results.sqlite").exists() and len(ok_rows(out)) >= 3:
+            break
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {r["run_key"]: r["finished_at"] for r in ok_rows(out)}
+    assert 3 <= len(before) < 7, "the kill should land mid-sweep"
+    finish = sweep_cli(spec_path, out)
+    _, stderr = finish.communicate(timeout=300)
+    assert finish.returncode == 0, stderr
+    rows = ok_rows(out)
+    assert len(rows) == 7  # 6 runs + the dense baseline, no duplicates
+    assert all(before[k] == r["finished_at"] for r in rows for k in [r["run_key"]] if k in before)
+    with ResultStore(out / "results.sqlite") as store:
+        assert store.integrity() == "ok"
+        assert not store.rows(status="failed")
+
+
+def test_two_sweeps_on_one_folder_do_not_corrupt_the_store(tmp_path) -> None:
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tiny_spec(targets={"sparsity": [0.3, 0.6, 0.9]},
+                                                  seeds=[0, 1])))
+    out = tmp_path / "out"
+    first, second = sweep_cli(spec_path, out), sweep_cli(spec_path, out)
+    for process in (first, second):
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    rows = ok_rows(out)
+    assert len(rows) == 8 and len({r["run_key"] for r in rows}) == 8
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_summary_statistics_by_hand() -> None:
+    s = summarize([90.0, 92.0, 94.0])
+    assert (s.n, s.mean, s.std) == (3, 92.0, 2.0)
+    assert s.ci95 == pytest.approx(4.302653 * 2.0 / 3**0.5, rel=1e-5)  # t(0.975, 2)
+    assert summarize([91.0]).ci95 is None
+
+
+def test_results_cli_filters_and_exports(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+
+    run_sweep(validate(SweepSpec, tiny_spec(methods=["magnitude", "random"])), tmp_path,
+              quiet=True)
+    csv_path = tmp_path / "rows.csv"
+    result = CliRunner().invoke(app, ["results", str(tmp_path), "--where", "method=random",
+                                      "--csv", str(csv_path)])
+    assert result.exit_code == 0, result.output
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 2 and "random" in lines[1] and "run_key" in lines[0]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
+def test_report_renders_in_headless_chromium(tmp_path) -> None:
+    from prunelab.bench.report import write_report
+
+    spec = validate(SweepSpec, tiny_spec(methods=["magnitude", "random"],
+                                         targets={"sparsity": [0.5, 0.8]},
+                                         recoveries=["finetune", "scratch-e"], seeds=[0, 1]))
+    run_sweep(spec, tmp_path, quiet=True)
+    page = write_report(tmp_path)
+    for name in ("top1_vs_compression", "top1_vs_theoretical_speedup"):
+        assert (page.parent / f"{name}.png").stat().st_size > 1000
+        assert (page.parent / f"{name}.svg").read_text().startswith("<?xml")
+    text = page.read_text()
+    assert "Recovery modes compared" in text and "95% CI" in text and "Unpruned baseline" in text
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+         "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    ).stdout
+    assert 'data-figures="2/2"' in dom, dom[:500]
+    assert 'data-errors="0"' in dom
+
+
+@pytest.fixture
+def ray_cluster():
+    """A one-machine Ray cluster started as users start one: ``ray start --head``."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = 6390 + os.getpid() % 200
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    started = subprocess.run(
+        [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env,
+                       timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_executor_gives_the_local_results(tmp_path, ray_cluster) -> None:
+    spec = validate(SweepSpec, tiny_spec(methods=["magnitude", "random"],
+                                         targets={"sparsity": [0.5, 0.9]}) | {"threads": 1})
+    local = run_sweep(spec, tmp_path / "local", jobs=2, quiet=True)
+    remote = run_sweep(spec, tmp_path / "ray", jobs=2, executor="ray", address=ray_cluster,
+                       quiet=True)
+    assert (local.ok, remote.ok, remote.failed) == (4, 4, 0)
+    numbers = lambda out: sorted((r["run_key"], r["test_top1"]) for r in ok_rows(out))  # noqa
+    assert numbers(tmp_path / "local") == numbers(tmp_path / "ray")
