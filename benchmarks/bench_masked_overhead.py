@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import prunelab
-from common import median, report
 from prunelab.training import TrainRecipe
+
+from common import median, report
 
 
 def make(masked: bool, channels_last: bool):

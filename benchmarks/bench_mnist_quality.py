@@ -16,15 +16,16 @@ import statistics
 import torch
 
 import prunelab
-from common import report
 from prunelab.schedules import Pruner, iterative
 from prunelab.sparsity import sparsity_for_compression
 from prunelab.training import TrainRecipe, train
 from prunelab.utils import seed_everything
 
+from common import report
+
 DENSE = TrainRecipe(epochs=30, batch_size=128, lr=0.05, weight_decay=1e-4, schedule="cosine",
                     channels_last=False)
-FINETUNE = TrainRecipe(epochs=6, batch_size=128, lr=0.01, weight_decay=1e-4, schedule="cosine",
+FINETUNE = TrainRecipe(epochs=6, batch_size=128, lr=0.05, weight_decay=1e-4, schedule="cosine",
                        channels_last=False)
 
 

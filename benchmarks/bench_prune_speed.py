@@ -15,8 +15,9 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import prunelab
-from common import median, report, timed
 from prunelab.sparsity import get_mask, prunable_weights
+
+from common import median, report, timed
 
 
 def torch_global(model: nn.Module, amount: float) -> None:

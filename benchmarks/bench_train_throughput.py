@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import prunelab
-from common import report
 from prunelab.training import TrainRecipe, train
+
+from common import report
 
 
 class PerSampleCifar(Dataset):

@@ -158,11 +158,12 @@ def test_docs_methods_reference_is_current() -> None:
     assert docs.read_text() == methods_markdown(), regenerate
 
 
-def test_example_run_configs_validate() -> None:
+def test_example_configs_validate() -> None:
+    from prunelab.bench import SweepSpec
     from prunelab.config import load_config
 
-    examples = Path(__file__).resolve().parents[1] / "examples"
-    configs = [p for p in examples.glob("*.yaml") if "grid" not in p.read_text()]
-    assert configs
-    for path in configs:
-        load_config(RunConfig, path).check_names()
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    sweeps = [p for p in examples if "grid:" in p.read_text()]
+    assert sweeps and len(sweeps) < len(examples)
+    for path in examples:
+        load_config(SweepSpec if path in sweeps else RunConfig, path).check_names()
