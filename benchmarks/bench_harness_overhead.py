@@ -26,9 +26,9 @@ def direct(spec) -> None:
     dense = {seed: experiment.train_dense(seed) for seed in spec.grid.seeds}
     for run in spec.runs():
         started = time.perf_counter()
-        model = experiment.prune_and_recover(dense[run.seed], run.choice, run.target_value,
-                                             run.seed, run.recovery)
-        experiment.row(model, run.seed, time.perf_counter() - started)
+        model, _ = experiment.prune_and_recover(dense[run.seed], run.choice, run.target_kind,
+                                                run.target_value, run.seed, run.recovery)
+        experiment.row(model, run.seed, time.perf_counter() - started, dense[run.seed])
 
 
 def through_sweep(spec) -> None:

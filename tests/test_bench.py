@@ -117,9 +117,20 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
     rows = {r["recovery"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
     assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind"}
     assert all(r["achieved_sparsity"] == pytest.approx(0.75, abs=1e-3) for r in rows.values())
-    # Scratch-B trains for epochs x dense/pruned FLOPs = 3 x 4, capped at 2x: 6 epochs, twice
-    # as long as Scratch-E's 3.
-    assert rows["scratch-b"]["seconds"] > 1.5 * rows["scratch-e"]["seconds"]
+
+
+@pytest.mark.parametrize(("sparsity", "epochs"), [(0.3, 5), (0.75, 6)])
+def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) -> None:
+    from prunelab.experiment import Experiment, MethodChoice, RecoveryConfig
+
+    spec = validate(SweepSpec, tiny_spec())
+    phases: list[str] = []
+    experiment = Experiment(spec, on_phase=phases.append)
+    dense = experiment.train_dense(0)
+    experiment.prune_and_recover(dense, MethodChoice(method="magnitude"), "sparsity", sparsity,
+                                 0, RecoveryConfig(kind="scratch-b"))
+    # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x capped at 2x -> 6 epochs).
+    assert phases[-1] == f"scratch-b epoch {epochs}/{epochs}"
 
 
 def test_compression_and_speedup_targets(tmp_path) -> None:

@@ -10,7 +10,7 @@ The public API in one screen::
 """
 
 from prunelab import data, models
-from prunelab.checkpoint import load_checkpoint, load_state_dict, save_checkpoint
+from prunelab.checkpoint import export_onnx, load_checkpoint, load_state_dict, save_checkpoint
 from prunelab.errors import PrunelabError
 from prunelab.methods import METHODS
 from prunelab.metrics import Measurement, evaluate, measure
@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "data",
     "evaluate",
+    "export_onnx",
     "get_mask",
     "load_checkpoint",
     "load_state_dict",

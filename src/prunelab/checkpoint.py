@@ -51,10 +51,13 @@ def save_checkpoint(
     """Write ``model`` (weights and masks) to ``path`` atomically: no partial file on a crash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    from prunelab.structured.graph import structure_of
+
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "model": {"name": model_name, "kwargs": dict(model_kwargs or {})},
+        "structure": structure_of(model),
         "state_dict": model.state_dict(),
         "extra": dict(extra or {}),
     }
@@ -103,8 +106,13 @@ def load_checkpoint(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load a checkpoint into ``model`` or, when None, into a model rebuilt from the zoo.
 
-    Returns ``(model, checkpoint)``; ``checkpoint["extra"]`` holds what was saved alongside.
+    A model whose channels were removed (structured pruning) is rebuilt with the same smaller
+    architecture: the recorded removals are replayed on the unpruned model first, so ``model``
+    is the original architecture. Returns ``(model, checkpoint)``; ``checkpoint["extra"]``
+    holds what was saved alongside.
     """
+    from prunelab.structured.graph import replay_structure, structure_of
+
     payload = read_checkpoint(path)
     if model is None:
         from prunelab import models
@@ -115,5 +123,36 @@ def load_checkpoint(
                 f"{str(path)!r} does not record its model; pass the model to load it into"
             )
         model = models.create(name, **payload["model"].get("kwargs", {}))
+    structure = payload.get("structure") or []
+    if structure and not structure_of(model):
+        replay_structure(model, structure)
     load_state_dict(model, payload["state_dict"])
     return model, payload
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor) -> Path:
+    """Export ``model`` to ONNX (masks baked in first) with a dynamic batch dimension.
+
+    The input is named ``input`` and the output ``output``; check the result with onnxruntime.
+    """
+    import copy
+    import warnings
+
+    from prunelab.sparsity import make_permanent, masked_modules
+
+    if masked_modules(model):
+        model = make_permanent(copy.deepcopy(model))
+    path = Path(path)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example_input,), str(path), dynamo=False, input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+    finally:
+        model.train(was_training)
+    return path

@@ -167,10 +167,16 @@ def inspect(
             raise typer.BadParameter(
                 f"--input-shape must look like 3,32,32, got {input_shape!r}"
             ) from None
+    before: dict[str, tuple[int, ...] | None] = {}
     if Path(model).suffix in {".pt", ".pth"} or Path(model).is_file():
         net, payload = load_checkpoint(model)
         kwargs = {**payload["model"].get("kwargs", {}), **kwargs}
         title = f"{model} ({payload['model'].get('name')})"
+        if payload.get("structure") and payload["model"].get("name"):
+            # Channels were removed: show each layer's shape before -> after.
+            original = zoo.create(payload["model"]["name"], **payload["model"]["kwargs"])
+            before = {n: tuple(m.weight.shape) for n, m in original.named_modules()
+                      if isinstance(getattr(m, "weight", None), torch.Tensor)}
     else:
         net = zoo.create(model, **kwargs)
         title = model
@@ -180,10 +186,15 @@ def inspect(
     for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs",
                    "eff. MACs"):
         table.add_column(column, justify="left" if column in {"layer", "type"} else "right")
+
+    def shape_text(name: str, shape: tuple[int, ...] | None) -> str:
+        text = "x".join(map(str, shape)) if shape else "-"
+        old = before.get(name)
+        return f"{'x'.join(map(str, old))} -> {text}" if old and old != shape else text
+
     for layer in stats.layers:
         table.add_row(
-            layer.name or "(root)", layer.type,
-            "x".join(map(str, layer.weight_shape)) if layer.weight_shape else "-",
+            layer.name or "(root)", layer.type, shape_text(layer.name, layer.weight_shape),
             f"{layer.params:,}", f"{layer.nonzero_params:,}", f"{layer.density:.3f}",
             f"{layer.flops // 2:,}", f"{layer.effective_flops // 2:,}",
         )

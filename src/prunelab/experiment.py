@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -21,12 +21,13 @@ from torch import nn
 
 from prunelab import data as datasets
 from prunelab import models
-from prunelab.errors import ConfigError, InvalidValueError
+from prunelab.errors import ConfigError, PrunelabError
 from prunelab.methods import METHODS
 from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash
 from prunelab.schedules import GradualPruning, Pruner, Snapshot, iterative, rewind_weights
-from prunelab.sparsity import check_sparsity, mask_sparsity, sparsity_for_compression
+from prunelab.sparsity import check_sparsity, mask_sparsity
+from prunelab.structured.graph import replay_structure, structure_of
 from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
 from prunelab.utils import seed_everything
 
@@ -122,12 +123,17 @@ class ExperimentConfig(BaseModel):
         datasets.check_name(self.dataset)
         models.check_name(self.model)
 
-    def dense_key(self, seed: int) -> str:
-        """Identifies the dense model of this setting and seed (its cache file name)."""
+    def dense_key(self, seed: int, choice: MethodChoice | None = None) -> str:
+        """Identifies the dense model of this setting and seed (its cache file name).
+
+        Methods that train the model before pruning their own way (Network Slimming's sparse
+        BN scales) get their own dense model: ``choice`` names it.
+        """
         fields = ("model", "model_kwargs", "dataset", "val_fraction", "data_limit", "train",
                   "keep_best")
+        variant = training_variant(choice)
         return config_hash({"dense": self.model_dump(include=set(fields), mode="json"),
-                            "seed": seed})
+                            "seed": seed} | ({"variant": variant} if variant else {}))
 
 
 class MethodChoice(BaseModel):
@@ -143,6 +149,19 @@ class MethodChoice(BaseModel):
     def name(self) -> str:
         """A readable label: ``magnitude/global`` unless one is given."""
         return self.label or f"{self.method}/{self.scope}"
+
+
+def training_variant(choice: MethodChoice | None) -> dict[str, Any] | None:
+    """The method and options a dense model must be trained with, or None for plain training."""
+    if choice is None:
+        return None
+    try:
+        method = METHODS.get(choice.method).create(**choice.options)
+    except PrunelabError:  # a bad option fails the run itself, where it is recorded
+        return None
+    if not method.training_callbacks():
+        return None
+    return {"method": choice.method, "options": choice.options}
 
 
 @dataclass
@@ -230,15 +249,24 @@ class Experiment:
             quiet=self.quiet, description=label,
         )
 
-    def train_dense(self, seed: int, snapshot_epochs: set[int] = frozenset()) -> DenseModel:
-        """Train the dense model of ``seed``, keeping snapshots for rewinding."""
+    def train_dense(self, seed: int, snapshot_epochs: set[int] = frozenset(),
+                    choice: MethodChoice | None = None) -> DenseModel:
+        """Train the dense model of ``seed``, keeping snapshots for rewinding.
+
+        With a ``choice`` whose method trains its own way (e.g. Network Slimming), its training
+        callbacks are used and the row is labelled ``dense (<method> training)``.
+        """
         started = time.perf_counter()
         model = self.new_model(seed)
         snapshots = _Snapshots(set(snapshot_epochs))
-        self.fit(model, self.config.train, seed, "dense", [snapshots])
+        variant = training_variant(choice)
+        extra = (METHODS.get(choice.method).create(**choice.options).training_callbacks()
+                 if variant else [])
+        self.fit(model, self.config.train, seed, "dense", [snapshots, *extra])
         states = {e: s.state for e, s in snapshots.takers.items() if s.state is not None}
         row = self.row(model, seed, time.perf_counter() - started)
-        row.update(method="dense", label="dense", recovery=None, target_kind=None,
+        label = f"dense ({choice.method} training)" if variant else "dense"
+        row.update(method="dense", label=label, recovery=None, target_kind=None,
                    target_value=None)
         return DenseModel(model, states, row)
 
@@ -259,20 +287,21 @@ class Experiment:
 
     def resolve_sparsity(self, model: nn.Module, kind: str, value: float,
                          pruner: Pruner) -> float:
-        """Turn a target (sparsity, compression or FLOPs speed-up) into a sparsity."""
+        """Turn a target (sparsity, compression or FLOPs speed-up) into a weight sparsity."""
         if kind == "sparsity":
             return check_sparsity(value)
-        selection = dict(include=pruner.include, exclude=pruner.exclude,
-                         exclude_first=pruner.exclude_first, exclude_last=pruner.exclude_last)
-        if kind == "compression":
-            return sparsity_for_compression(model, value, **selection)
-        if kind == "speedup":
-            return _sparsity_for_speedup(model, value, pruner, self.example)
-        raise InvalidValueError(f"target kind must be sparsity, compression or speedup: {kind!r}")
+        method = METHODS.get(pruner.method).create(**pruner.options)
+        return method._sparsity_for(model, kind, value, pruner.scope, pruner.data,
+                                    pruner.selection(), self.example)
 
-    def prune_and_recover(self, dense: DenseModel, choice: MethodChoice, sparsity: float,
-                          seed: int, recovery: RecoveryConfig | None = None) -> nn.Module:
-        """Copy the dense model, prune it with the schedule, then recover; returns the result."""
+    def prune_and_recover(self, dense: DenseModel, choice: MethodChoice, kind: str,
+                          value: float, seed: int, recovery: RecoveryConfig | None = None
+                          ) -> tuple[nn.Module, float | None]:
+        """Copy the dense model, prune it to the target with the schedule, then recover.
+
+        Returns the model and, for unstructured methods, the sparsity the target came to.
+        Structured methods prune one-shot (their target is reached by removing channels).
+        """
         c = self.config
         recovery = recovery or c.recovery
         model = copy.deepcopy(dense.model)
@@ -284,51 +313,86 @@ class Experiment:
 
         between = finetune if recovery.kind == "finetune" else None
         if recovery.kind == "rewind":
-            if recovery.rewind_epoch >= c.train.epochs:
-                raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
-                                  f"training epochs ({c.train.epochs})")
-            state = dense.snapshots.get(recovery.rewind_epoch)
-            if state is None:
-                raise ConfigError(f"no snapshot at epoch {recovery.rewind_epoch} to rewind to")
-
-            def between(m: nn.Module) -> None:
-                rewind_weights(m, state)
-                self.fit(m, c.train, seed, "rewind", start_epoch=recovery.rewind_epoch)
+            between = self._rewinder(dense, seed, recovery)
         elif recovery.kind in ("scratch-e", "scratch-b") and c.schedule.kind == "iterative":
             between = finetune  # the mask is found by iterative pruning with fine-tuning
 
-        if c.schedule.kind == "gradual":
+        sparsity = None
+        if METHODS.get(choice.method).granularity != "unstructured":
+            if c.schedule.kind != "one-shot":
+                raise ConfigError(f"structured method {choice.method!r} prunes one-shot; "
+                                  f"set schedule.kind to one-shot")
+            pruner(model, value, kind, self.example)
+            if between is not None:
+                between(model)
+        elif c.schedule.kind == "gradual":
+            sparsity = self.resolve_sparsity(model, kind, value, pruner)
             steps = len(self.loader("train", c.finetune.batch_size, seed, shuffle=True))
             agp = GradualPruning(pruner, sparsity, start=c.schedule.agp_start,
                                  end=c.schedule.agp_end,
                                  frequency=c.schedule.agp_frequency or max(1, steps // 4))
             self.fit(model, c.finetune, seed, "gradual", [agp])
         else:
+            sparsity = self.resolve_sparsity(model, kind, value, pruner)
             rounds = c.schedule.rounds if c.schedule.kind == "iterative" else 1
             iterative(model, pruner, sparsity, rounds, between)
         if recovery.kind in ("scratch-e", "scratch-b"):
-            self._scratch(model, dense, seed, recovery)
-        return model
+            model = self._scratch(model, dense, seed, recovery)
+        return model, sparsity
+
+    def _rewinder(self, dense: DenseModel, seed: int, recovery: RecoveryConfig
+                  ) -> Callable[[nn.Module], None]:
+        c = self.config
+        if recovery.rewind_epoch >= c.train.epochs:
+            raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
+                              f"training epochs ({c.train.epochs})")
+        state = dense.snapshots.get(recovery.rewind_epoch)
+        if state is None:
+            raise ConfigError(f"no snapshot at epoch {recovery.rewind_epoch} to rewind to")
+
+        def rewind(model: nn.Module) -> None:
+            if structure_of(model):
+                raise ConfigError("rewinding needs the original architecture: use it with "
+                                  "unstructured methods")
+            rewind_weights(model, state)
+            self.fit(model, c.train, seed, "rewind", start_epoch=recovery.rewind_epoch)
+
+        return rewind
 
     def _scratch(self, model: nn.Module, dense: DenseModel, seed: int,
-                 recovery: RecoveryConfig) -> None:
-        """Re-initialise the pruned network (mask kept) and train it from scratch.
+                 recovery: RecoveryConfig) -> nn.Module:
+        """Re-initialise the pruned network and train it from scratch; returns it.
 
-        Scratch-E trains for the dense model's epochs; Scratch-B for the same compute budget:
-        epochs × FLOPs_dense / FLOPs_pruned, capped (2× for unstructured, as in "Rethinking").
+        The pruned network keeps its mask (unstructured) or its smaller architecture
+        (structured) with fresh random weights. Scratch-E trains for the dense model's epochs;
+        Scratch-B for the same compute: epochs × FLOPs_dense / FLOPs_pruned, capped for
+        unstructured sparsity (2× by default, as in "Rethinking the Value of Network Pruning").
         """
         recipe = self.config.train
         fresh = self.new_model(seed + SCRATCH_SEED_OFFSET)
-        rewind_weights(model, fresh.state_dict())
+        structure = structure_of(model)
+        if structure:
+            model = replay_structure(fresh, structure)
+        else:
+            rewind_weights(model, fresh.state_dict())
         if recovery.kind == "scratch-b":
             dense_flops = measure(dense.model, self.example).flops
             pruned_flops = measure(model, self.example).effective_flops
-            factor = min(dense_flops / max(pruned_flops, 1), recovery.scratch_b_cap)
+            factor = dense_flops / max(pruned_flops, 1)
+            if not structure:
+                factor = min(factor, recovery.scratch_b_cap)
             recipe = recipe.model_copy(update={"epochs": math.ceil(recipe.epochs * factor)})
         self.fit(model, recipe, seed, recovery.kind)
+        return model
 
-    def row(self, model: nn.Module, seed: int, seconds: float) -> dict[str, Any]:
-        """Test accuracy (every sample), sizes, FLOPs and latency of ``model``."""
+    def row(self, model: nn.Module, seed: int, seconds: float,
+            dense: DenseModel | None = None) -> dict[str, Any]:
+        """Test accuracy (every sample), sizes, FLOPs and latency of ``model``.
+
+        With the ``dense`` model it came from, compression and speed-ups are relative to it
+        (params / non-zeros and FLOPs / effective FLOPs of the *original* network), which is
+        what a model that lost channels needs; measured speed-up compares latencies.
+        """
         topk = (1, 5) if self.bundle.num_classes > 10 else (1,)
         test = evaluate(model, self.loader("test", 256), topk=topk)
         latency = self.config.latency
@@ -347,6 +411,12 @@ class Experiment:
         if "top5" in test:
             row["test_top5"] = test["top5"]
         row.update(size.summary())
+        if dense is not None:
+            row["compression"] = dense.row["params"] / max(size.nonzero_params, 1)
+            row["theoretical_speedup"] = dense.row["flops"] / max(size.effective_flops, 1)
+            row["dense_top1"] = dense.row["test_top1"]
+            if row.get("latency_ms") and dense.row.get("latency_ms"):
+                row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
         row["seconds"] = seconds
         return row
 
@@ -362,29 +432,3 @@ class _Limited:
             if i >= self.n:
                 return
             yield batch
-
-
-def _sparsity_for_speedup(model: nn.Module, speedup: float, pruner: Pruner,
-                          example: torch.Tensor) -> float:
-    """Bisect the sparsity at which ``pruner`` reaches a theoretical FLOPs speed-up."""
-    if speedup < 1:
-        raise InvalidValueError(f"speedup must be >= 1 (dense FLOPs / pruned FLOPs), got {speedup}")
-
-    def achieved(sparsity: float) -> float:
-        return measure(pruner(copy.deepcopy(model), sparsity), example).theoretical_speedup
-
-    low, high = 0.0, 0.999
-    if achieved(high) < speedup:
-        raise InvalidValueError(
-            f"a {speedup}x FLOPs reduction is out of reach: pruning 99.9% of the prunable "
-            f"weights gives {achieved(high):.1f}x (FLOPs outside prunable layers remain)"
-        )
-    for _ in range(20):
-        middle = (low + high) / 2
-        low, high = (middle, high) if achieved(middle) < speedup else (low, middle)
-    return high
-
-
-def as_choices(methods: list[str | Mapping[str, Any]]) -> list[MethodChoice]:
-    """Method entries of a spec: names or mappings, validated."""
-    return [MethodChoice(method=m) if isinstance(m, str) else MethodChoice(**m) for m in methods]

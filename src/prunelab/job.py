@@ -73,20 +73,19 @@ def run_job(
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
     snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()
-    dense = experiment.train_dense(config.seed, snapshot_epochs)
+    choice = MethodChoice(method=config.method, scope=config.scope,
+                          options=config.method_options)
+    dense = experiment.train_dense(config.seed, snapshot_epochs, choice)
     rows = [dense.row | {"target_sparsity": 0.0}]
     if on_row:
         on_row(rows[0])
-    choice = MethodChoice(method=config.method, scope=config.scope,
-                          options=config.method_options)
     for sparsity in config.sparsities:
         t0 = time.perf_counter()
-        pruned = experiment.prune_and_recover(dense, choice, sparsity, config.seed)
-        row = experiment.row(pruned, config.seed, time.perf_counter() - t0)
+        pruned, _ = experiment.prune_and_recover(dense, choice, "sparsity", sparsity,
+                                                 config.seed)
+        row = experiment.row(pruned, config.seed, time.perf_counter() - t0, dense)
         row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
                    recovery=config.recovery.kind, target_sparsity=sparsity)
-        if "latency_ms" in row and "latency_ms" in dense.row:
-            row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
         rows.append(row)
         if on_row:
             on_row(row)

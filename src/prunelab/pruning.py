@@ -5,18 +5,23 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
+from prunelab.errors import InvalidValueError
 from prunelab.methods import METHODS, LayerSelection, Method
 
 
 def prune(
     model: nn.Module,
     method: str | Method,
-    sparsity: float = 0.5,
+    sparsity: float | None = None,
     scope: str = "global",
     data: Iterable | None = None,
     *,
+    compression: float | None = None,
+    speedup: float | None = None,
+    example_input: torch.Tensor | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     exclude_first: bool = False,
@@ -29,9 +34,15 @@ def prune(
     Args:
         model: any ``nn.Module``; its Linear/Conv/ConvTranspose weights are prunable.
         method: a registered name (``prunelab methods`` lists them) or a method instance.
-        sparsity: target fraction of prunable weights that are zero afterwards, in [0, 1).
-            Weights pruned earlier stay pruned and count toward the target, so calling ``prune``
+        sparsity: target fraction of prunable weights that are zero afterwards, in [0, 1)
+            (default 0.5); for structured methods, the fraction of channels removed. Weights
+            pruned earlier stay pruned and count toward the target, so calling ``prune``
             repeatedly with rising targets is iterative pruning.
+        compression: instead of a sparsity, reach params / non-zero params = ``compression``.
+        speedup: instead of a sparsity, reach dense FLOPs / pruned FLOPs = ``speedup``.
+        example_input: an input batch for methods that trace or measure the model (structured
+            methods, ``speedup``); by default the first batch of ``data`` or zeros of the zoo
+            model's ``input_shape``.
         scope: ``"global"`` ranks all layers together (one threshold); ``"layer"`` prunes the
             same fraction of every layer.
         data: iterable of batches (tensors or ``(inputs, labels)``) for data-driven methods.
@@ -44,7 +55,14 @@ def prune(
     Example:
         >>> model = prunelab.models.create("resnet20")
         >>> prunelab.prune(model, "magnitude", sparsity=0.9, exclude_first=True)
+    >>> prunelab.prune(model, "l1-filter", speedup=2.0)   # channels removed for real
     """
+    targets = {k: v for k, v in
+               (("sparsity", sparsity), ("compression", compression), ("speedup", speedup))
+               if v is not None}
+    if len(targets) > 1:
+        raise InvalidValueError(f"give one target, not {' and '.join(targets)}")
+    kind, value = next(iter(targets.items())) if targets else ("sparsity", 0.5)
     if isinstance(method, str):
         method = METHODS.get(method).create(**options)
     elif options:
@@ -56,4 +74,5 @@ def prune(
         exclude_last=exclude_last,
         layer_sparsity=dict(layer_sparsity or {}),
     )
-    return method.prune(model, sparsity, scope=scope, data=data, selection=selection)
+    return method.prune(model, value, scope=scope, data=data, selection=selection, target=kind,
+                        example_input=example_input)

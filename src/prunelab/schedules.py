@@ -15,6 +15,7 @@ from torch import nn
 
 from prunelab.checkpoint import load_state_dict
 from prunelab.errors import InvalidValueError
+from prunelab.methods import LayerSelection
 from prunelab.pruning import prune
 from prunelab.sparsity import check_sparsity, mask_sparsity
 from prunelab.training.trainer import Callback, TrainState
@@ -36,19 +37,29 @@ class Pruner:
     layer_sparsity: Mapping[str, float] = field(default_factory=dict)
     data: Iterable | None = None
 
-    def __call__(self, model: nn.Module, sparsity: float) -> nn.Module:
+    def __call__(self, model: nn.Module, value: float, target: str = "sparsity",
+                 example_input: torch.Tensor | None = None) -> nn.Module:
+        """Prune ``model`` to ``value``: a sparsity, or a ``compression``/``speedup`` target."""
         return prune(
             model,
             self.method,
-            sparsity,
-            self.scope,
-            self.data,
+            scope=self.scope,
+            data=self.data,
+            example_input=example_input,
             include=self.include,
             exclude=self.exclude,
             exclude_first=self.exclude_first,
             exclude_last=self.exclude_last,
             layer_sparsity=self.layer_sparsity,
+            **{target: value},
             **self.options,
+        )
+
+    def selection(self) -> LayerSelection:
+        """The layer selection as the methods see it."""
+        return LayerSelection(
+            include=self.include, exclude=tuple(self.exclude), exclude_first=self.exclude_first,
+            exclude_last=self.exclude_last, layer_sparsity=dict(self.layer_sparsity),
         )
 
 

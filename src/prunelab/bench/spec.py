@@ -10,7 +10,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prunelab.experiment import ExperimentConfig, MethodChoice, RecoveryConfig
+from prunelab.experiment import (
+    ExperimentConfig,
+    MethodChoice,
+    RecoveryConfig,
+    training_variant,
+)
 from prunelab.provenance import config_hash
 from prunelab.sparsity import check_sparsity
 
@@ -118,8 +123,21 @@ class SweepSpec(ExperimentConfig):
         return config_hash({"experiment": self.experiment_fields(),
                             "run": run.model_dump(mode="json", exclude={"choice": {"label"}})})
 
-    def dense_run_key(self, seed: int) -> str:
-        return f"dense-{self.dense_key(seed)}"
+    def dense_run_key(self, seed: int, choice: MethodChoice | None = None) -> str:
+        return f"dense-{self.dense_key(seed, choice)}"
+
+    def dense_variants(self) -> list[MethodChoice | None]:
+        """Plain dense training, plus one per method that trains its own way (slimming...)."""
+        variants: list[MethodChoice | None] = [None]
+        for choice in self.grid.methods:
+            if training_variant(choice) and all(
+                v is None or training_variant(v) != training_variant(choice) for v in variants
+            ):
+                variants.append(choice)
+        return variants
+
+    def variant_of(self, run: RunSpec) -> MethodChoice | None:
+        return run.choice if training_variant(run.choice) else None
 
     def snapshot_epochs(self) -> set[int]:
         return {r.rewind_epoch for r in self.recoveries() if r.kind == "rewind"}

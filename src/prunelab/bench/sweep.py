@@ -43,9 +43,17 @@ def plan(spec: SweepSpec, store: ResultStore, out: Path, threads: int) -> tuple[
     runs = [(spec.run_key(r), r) for r in spec.runs()]
     todo = [(k, r) for k, r in runs if k not in done]
     common = {"spec": spec.model_dump(mode="json"), "out": str(out), "threads": threads}
-    seeds = sorted({r.seed for _, r in todo} |
-                   {s for s in spec.grid.seeds if spec.dense_run_key(s) not in done})
-    dense = [common | {"kind": "dense", "key": spec.dense_run_key(s), "seed": s} for s in seeds]
+    needed: dict[str, dict] = {}  # dense models still to train (or load), by key
+    for seed in spec.grid.seeds:
+        for variant in spec.dense_variants():
+            key = spec.dense_run_key(seed, variant)
+            wanted = key not in done or any(
+                r.seed == seed and spec.dense_run_key(seed, spec.variant_of(r)) == key
+                for _, r in todo)
+            if wanted:
+                needed[key] = {"kind": "dense", "key": key, "seed": seed,
+                               "choice": variant.model_dump(mode="json") if variant else None}
+    dense = [common | task for task in needed.values()]
     tasks = [common | {"kind": "run", "key": k, "run": r.model_dump(mode="json")}
              for k, r in todo]
     return dense, tasks, len(runs) - len(todo)

@@ -20,7 +20,7 @@ import torch
 
 from prunelab.bench.spec import RunSpec, SweepSpec
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
-from prunelab.experiment import DenseModel, Experiment
+from prunelab.experiment import DenseModel, Experiment, MethodChoice, training_variant
 from prunelab.provenance import config_hash, environment
 
 _experiments: dict[str, Experiment] = {}  # per worker process: data stays loaded between runs
@@ -59,13 +59,11 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def dense_path(out: Path, spec: SweepSpec, seed: int) -> Path:
-    return out / "dense" / f"{spec.dense_key(seed)}.pt"
-
-
-def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str) -> tuple[DenseModel, bool]:
-    """The cached dense model of ``seed`` (trained and cached first if missing)."""
-    path = dense_path(out, spec, seed)
+def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str,
+                        choice: MethodChoice | None = None) -> tuple[DenseModel, bool]:
+    """The cached dense model of ``seed`` (trained and cached first if missing); ``choice``
+    selects a method's own dense training (e.g. Network Slimming's), if it has one."""
+    path = out / "dense" / f"{spec.dense_key(seed, choice)}.pt"
     needed = spec.snapshot_epochs()
     experiment = _experiment(spec, key)
     with _locked(path.with_suffix(".lock")):
@@ -75,7 +73,7 @@ def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str) -> tupl
             if needed <= set(snapshots):
                 model = load_state_dict(experiment.new_model(seed), payload["state_dict"])
                 return DenseModel(model, snapshots, payload["extra"]["row"]), False
-        dense = experiment.train_dense(seed, needed)
+        dense = experiment.train_dense(seed, needed, choice)
         snapshots = {str(e): s for e, s in dense.snapshots.items()}
         save_checkpoint(path, dense.model, model_name=spec.model,
                         extra={"row": dense.row, "snapshots": snapshots})
@@ -93,8 +91,11 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "host": socket.gethostname()}
     try:
         if task["kind"] == "dense":
-            dense, _ = load_or_train_dense(Path(task["out"]), spec, task["seed"], task["key"])
-            row = dense.row | {"config_json": spec.experiment_fields() | {"seed": task["seed"]}}
+            choice = MethodChoice.model_validate(task["choice"]) if task.get("choice") else None
+            dense, _ = load_or_train_dense(Path(task["out"]), spec, task["seed"], task["key"],
+                                           choice)
+            row = dense.row | {"config_json": spec.experiment_fields() | {
+                "seed": task["seed"], "training_variant": task.get("choice")}}
         else:
             row = _run(Path(task["out"]), spec, RunSpec.model_validate(task["run"]), task["key"])
         row["status"] = "ok"
@@ -121,19 +122,15 @@ def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:
 
 def _run(out: Path, spec: SweepSpec, run: RunSpec, key: str) -> dict[str, Any]:
     started = time.perf_counter()
-    dense, _ = load_or_train_dense(out, spec, run.seed, key)
+    variant = run.choice if training_variant(run.choice) else None
+    dense, _ = load_or_train_dense(out, spec, run.seed, key, variant)
     experiment = _experiment(spec, key)
     _report(key, "pruning")
-    sparsity = experiment.resolve_sparsity(dense.model, run.target_kind, run.target_value,
-                                           experiment.pruner(run.choice, run.seed))
-    model = experiment.prune_and_recover(dense, run.choice, sparsity, run.seed, run.recovery)
+    model, sparsity = experiment.prune_and_recover(dense, run.choice, run.target_kind,
+                                                   run.target_value, run.seed, run.recovery)
     _report(key, "measuring")
-    row = experiment.row(model, run.seed, time.perf_counter() - started)
-    row |= _run_fields(spec, run) | {"target_sparsity": sparsity,
-                                      "dense_top1": dense.row["test_top1"]}
-    if row.get("latency_ms") and dense.row.get("latency_ms"):
-        row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
-    return row
+    row = experiment.row(model, run.seed, time.perf_counter() - started, dense)
+    return row | _run_fields(spec, run) | {"target_sparsity": sparsity}
 
 
 def _describe(exc: BaseException) -> str:

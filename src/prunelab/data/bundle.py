@@ -124,7 +124,7 @@ class TensorBatches:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
         self.epoch += 1
         n = self.num_samples
         order = torch.randperm(n, generator=generator) if self.shuffle else None
@@ -145,15 +145,17 @@ class TensorBatches:
 def crop_and_flip(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with ``pad`` zero pixels of padding + random horizontal flip, per batch.
 
-    The standard CIFAR augmentation, done with one gather for the whole batch.
+    The standard CIFAR augmentation as one gather over the whole batch: each image's crop offset
+    and flip become source indices into its padded copy.
     """
-    n, _, height, width = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
+    n, channels, height, width = images.shape
+    padded_width = width + 2 * pad
+    padded = F.pad(images, (pad, pad, pad, pad)).view(n, channels, -1)
     dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), generator=generator)
     flip = torch.rand(n, 1, 1, generator=generator) < 0.5
     cols = torch.arange(width).view(1, 1, width)
     cols = torch.where(flip, width - 1 - cols, cols) + dx  # flipping reverses the column order
     rows = torch.arange(height).view(1, height, 1) + dy
-    batch = torch.arange(n).view(n, 1, 1)
-    return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+    index = (rows * padded_width + cols).view(n, 1, -1).expand(n, channels, height * width)
+    return padded.gather(2, index).view(n, channels, height, width)

@@ -1,16 +1,16 @@
 """Where datasets come from: the embedded digits, IDX files, torchvision, image folders.
 
-Each loader is registered by name and returns the raw pieces; :func:`prunelab.data.load` turns
-them into a :class:`DataBundle` with a deterministic validation split.
+Each loader is registered by name and returns the raw official splits (images may still be on
+disk, see :class:`ImageFiles`); :func:`prunelab.data.load` carves the validation split, applies
+``limit`` and builds the :class:`DataBundle`.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import importlib.util
-import os
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,47 +18,56 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunelab.data.images import ImageFiles, jpeg_quality, scan_folder
 from prunelab.errors import DatasetNotFoundError, InvalidValueError
 from prunelab.registry import Registry
+
+Images = torch.Tensor | ImageFiles
 
 
 @dataclass
 class RawDataset:
     """Images and labels of the official train and test splits, plus metadata."""
 
-    train: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor] | None  # None: carve a test split too
+    train: tuple[Images, torch.Tensor]
+    test: tuple[Images, torch.Tensor] | None  # None: carve a test split from train
     class_names: list[str]
-    mean: tuple[float, ...] | None  # None: computed from the training split
-    std: tuple[float, ...] | None
-    augment: str | None
-    source: str
+    mean: tuple[float, ...] | None = None  # None: computed from the training split
+    std: tuple[float, ...] | None = None
+    augment: str | None = None
+    source: str = ""
 
 
 Loader = Callable[..., RawDataset]
 DATASETS: Registry[Loader] = Registry("dataset")
+OFFLINE_HINT = "Downloading is off (download=False or PRUNELAB_OFFLINE=1)."
 
 
-def cache_dir() -> Path:
-    """Where decoded datasets are cached: ``$PRUNELAB_CACHE`` or ``~/.cache/prunelab/cache``."""
-    return Path(os.environ.get("PRUNELAB_CACHE") or Path.home() / ".cache" / "prunelab" / "cache")
-
-
-def _not_found(name: str, root: Path, looked: list[Path], why: str) -> DatasetNotFoundError:
+def not_found(name: str, root: Path, looked: list[Path], why: str) -> DatasetNotFoundError:
+    """The error for a missing dataset: every place looked, the root, and how to fix it."""
     places = "\n  ".join(str(p) for p in looked)
     return DatasetNotFoundError(
         f"dataset {name!r} not found under root {str(root)!r}; looked in:\n  {places}\n"
         f"{why} Fix: pass --data-dir (or set PRUNELAB_DATA) to a folder that has it, or run once "
-        "on a machine with network access to download it there."
+        "with downloading allowed (PRUNELAB_OFFLINE unset) on a machine with network access."
     )
 
 
-def _download(name: str, root: Path, looked: list[Path], fetch: Callable[[], object]) -> None:
+def try_download(fetch: Callable[[], object]) -> str | None:
+    """Run a torchvision download; None when it worked, else one line saying why it failed."""
     try:
         fetch()
-    except Exception as exc:  # urllib, ssl, http and checksum errors all end here
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else repr(exc)
-        raise _not_found(name, root, looked, f"Downloading it failed ({reason}).") from None
+    except Exception as exc:  # urllib, ssl, http, checksum and disk errors all end here
+        text = str(exc).strip()
+        return f"Downloading it failed ({text.splitlines()[0][:200] if text else repr(exc)})."
+    return None
+
+
+def _torchvision_datasets():
+    """``torchvision.datasets``, imported only to download or read official files (~1 s)."""
+    import torchvision.datasets
+
+    return torchvision.datasets
 
 
 # --------------------------------------------------------------------------- digits (embedded)
@@ -66,8 +75,8 @@ def _download(name: str, root: Path, looked: list[Path], fetch: Callable[[], obj
 def digits(root: Path, download: bool) -> RawDataset:
     """scikit-learn's bundled 8x8 digits (1797 images): the embedded default, never downloaded.
 
-    The CSV that ships inside scikit-learn is read directly: importing ``sklearn.datasets`` costs
-    more than a second, the file itself a few milliseconds.
+    Reads the CSV that ``sklearn.datasets.load_digits`` reads, directly: importing
+    ``sklearn.datasets`` costs about a second, the file a few milliseconds.
     """
     spec = importlib.util.find_spec("sklearn")
     csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec else None
@@ -79,83 +88,88 @@ def digits(root: Path, download: bool) -> RawDataset:
 
         bunch = load_digits()
         pixels, target = bunch.data.astype(np.float32), bunch.target.astype(np.int64)
-    images = torch.from_numpy(pixels).view(-1, 1, 8, 8) / 16.0
-    names = [str(n) for n in range(10)]
-    return RawDataset((images, torch.from_numpy(target)), None, names, None, None, None,
-                      "scikit-learn digits (8x8, embedded)")
+    images = torch.from_numpy(pixels).view(-1, 1, 8, 8) / 16.0  # 17 grey levels -> [0, 1]
+    return RawDataset((images, torch.from_numpy(target)), None, [str(n) for n in range(10)],
+                      source="scikit-learn digits (8x8)")
 
 
 # --------------------------------------------------------------------------- MNIST family (IDX)
-IDX_FILES = {
+IDX_STEMS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (gzipped or not) into a numpy array."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    """Read an unsigned-byte IDX file (gzipped or not) into a numpy array."""
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+        data = bytearray(handle.read())  # writable, so torch can share it without a copy
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4]) if len(data) >= 4 else (1, 0, 0)
     if zero != 0 or dtype_code != 0x08:
         raise InvalidValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim]) if len(data) >= 4 + 4 * ndim else ()
+    if not shape or len(data) != 4 + 4 * ndim + int(np.prod(shape)):
+        raise InvalidValueError(f"{path} is truncated or damaged: its size does not match {shape}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _find_idx(folders: list[Path]) -> dict[str, Path] | None:
+def _find_idx(folder: Path) -> dict[str, Path] | None:
+    """The four IDX files in ``folder`` (each gzipped or not), or None unless all are there."""
+    found = {}
+    for split, stems in IDX_STEMS.items():
+        for kind, stem in zip(("images", "labels"), stems, strict=True):
+            path = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+            if path is None:
+                return None
+            found[f"{split}-{kind}"] = path
+    return found
+
+
+def _mnist_like(name: str, folders: list[Path], torchvision_class: str, root: Path,
+                download: bool) -> dict[str, Path]:
+    """Find the IDX files in ``folders``, downloading them with torchvision when allowed."""
     for folder in folders:
-        found = {}
-        for split, stems in IDX_FILES.items():
-            for i, stem in enumerate(stems):
-                for candidate in (folder / stem, folder / f"{stem}.gz"):
-                    if candidate.is_file():
-                        found[f"{split}{i}"] = candidate
-                        break
-        if len(found) == 4:
-            return found
-    return None
-
-
-def _mnist_like(name: str, folder: str, tv_class: str, classes: list[str], stats, root: Path,
-                download: bool) -> RawDataset:
-    folders = list(dict.fromkeys(
-        [root / folder / "raw", root / name, root / name.replace("-", "_"), root]
-    ))
-    files = _find_idx(folders)
-    if files is None and download:
-        import torchvision
-
-        cls = getattr(torchvision.datasets, tv_class)
-        _download(name, root, folders, lambda: cls(str(root), download=True))
-        files = _find_idx(folders)
+        if files := _find_idx(folder):
+            return files
+    if not download:
+        raise not_found(name, root, folders, OFFLINE_HINT)
+    failure = try_download(
+        lambda: getattr(_torchvision_datasets(), torchvision_class)(root, download=True)
+    )
+    files = _find_idx(folders[0])
     if files is None:
-        why = "Downloading is off (PRUNELAB_OFFLINE=1 or download=False)." if not download else ""
-        raise _not_found(name, root, folders, why)
+        raise not_found(name, root, folders,
+                        failure or "The download finished without the IDX files.")
+    return files
 
+
+def _idx_dataset(files: dict[str, Path], classes: list[str], mean: float, std: float,
+                 source: str) -> RawDataset:
     def split(key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(read_idx(files[f"{key}0"]).copy()).unsqueeze(1)
-        labels = torch.from_numpy(read_idx(files[f"{key}1"]).astype(np.int64))
-        return images, labels
+        images = torch.from_numpy(read_idx(files[f"{key}-images"])).unsqueeze(1)
+        return images, torch.from_numpy(read_idx(files[f"{key}-labels"]).astype(np.int64))
 
-    return RawDataset(split("train"), split("test"), classes, *stats, None, f"{name} (IDX files)")
+    return RawDataset(split("train"), split("test"), classes, (mean,), (std,), source=source)
 
 
 @DATASETS.register("mnist")
 def mnist(root: Path, download: bool) -> RawDataset:
     """MNIST handwritten digits, 28x28 grey, from the official IDX files."""
-    return _mnist_like("mnist", "MNIST", "MNIST", [str(i) for i in range(10)],
-                       ((0.1307,), (0.3081,)), root, download)
+    folders = [root / "MNIST" / "raw", root / "mnist", root]
+    files = _mnist_like("mnist", folders, "MNIST", root, download)
+    return _idx_dataset(files, [str(n) for n in range(10)], 0.1307, 0.3081,
+                        "MNIST (official IDX files)")
 
 
 @DATASETS.register("fashion-mnist")
 def fashion_mnist(root: Path, download: bool) -> RawDataset:
     """Fashion-MNIST, 28x28 grey clothing images, from the official IDX files."""
+    # not ``root`` itself: MNIST's files have the same names
+    folders = [root / "FashionMNIST" / "raw", root / "fashion-mnist"]
+    files = _mnist_like("fashion-mnist", folders, "FashionMNIST", root, download)
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot"]
-    return _mnist_like("fashion-mnist", "FashionMNIST", "FashionMNIST", classes,
-                       ((0.2860,), (0.3530,)), root, download)
+    return _idx_dataset(files, classes, 0.2860, 0.3530, "Fashion-MNIST (official IDX files)")
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -163,35 +177,51 @@ CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+CIFAR_LABELS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+CIFAR_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}  # torchvision's
+
+
+def _cifar_class(name: str) -> type:
+    datasets = _torchvision_datasets()
+    return datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
 
 
 def _cifar(name: str, root: Path, download: bool) -> RawDataset:
-    import torchvision
+    """Official files (present or downloaded) first, else an image-folder JPEG copy."""
+    official, jpeg = root / CIFAR_FOLDERS[name], root / f"{name}-jpeg"
+    has_copy = (jpeg / "train").is_dir() and (jpeg / "test").is_dir()
+    failure = OFFLINE_HINT
+    if not official.is_dir() and download:
+        failure = try_download(lambda: _cifar_class(name)(str(root), train=True, download=True))
+        if failure and has_copy:
+            warnings.warn(f"{failure} Using the JPEG copy at {jpeg} instead.", stacklevel=4)
+    if official.is_dir():
+        cls = _cifar_class(name)
+        try:
+            train, test = cls(str(root), train=True), cls(str(root), train=False)
+        except RuntimeError as exc:  # torchvision's "not found or corrupted"
+            raise not_found(name, root, [official], f"Reading it failed ({exc}).") from None
+        return RawDataset(
+            *[(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),
+               torch.tensor(d.targets, dtype=torch.int64)) for d in (train, test)],
+            list(train.classes), *CIFAR_STATS[name], "cifar", f"{CIFAR_LABELS[name]} (official)",
+        )
+    if not has_copy:
+        raise not_found(name, root, [official, jpeg / "train", jpeg / "test"], failure)
+    return _cifar_jpeg(name, jpeg)
 
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    official = root / cls.base_folder
-    jpeg = root / f"{name}-jpeg"
-    looked = [official, jpeg]
-    mean, std = CIFAR_STATS[name]
-    if not official.is_dir() and (jpeg / "train").is_dir() and (jpeg / "test").is_dir():
-        train, test, classes = decode_image_folder_cached(jpeg)
-        label = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
-        return RawDataset(train, test, classes, mean, std, "cifar",
-                          f"{label} (JPEG image-folder copy at {jpeg})")
-    if not official.is_dir() and not download:
-        raise _not_found(name, root, looked, "Downloading is off (PRUNELAB_OFFLINE=1).")
-    if not official.is_dir():
-        _download(name, root, looked, lambda: cls(str(root), train=True, download=True))
 
-    def split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        data = cls(str(root), train=train, download=False)
-        images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(data.targets, dtype=torch.int64)
-
-    train_split = split(True)
-    classes = list(cls(str(root), train=False, download=False).classes)
-    return RawDataset(train_split, split(False), classes, mean, std, "cifar",
-                      f"{name} (official torchvision files)")
+def _cifar_jpeg(name: str, jpeg: Path) -> RawDataset:
+    """CIFAR from an ImageFolder-layout JPEG copy (``jpeg/{train,test}/<class>/*.jpg``)."""
+    train_files, train_labels, classes = scan_folder(jpeg / "train")
+    test_files, test_labels, _ = scan_folder(jpeg / "test")
+    quality = jpeg_quality(train_files[0])
+    copy = f"JPEG q{quality} copy" if quality else "JPEG copy"
+    return RawDataset(
+        (ImageFiles(jpeg / "train", train_files, None), train_labels),
+        (ImageFiles(jpeg / "test", test_files, None), test_labels),
+        classes, *CIFAR_STATS[name], "cifar", f"{CIFAR_LABELS[name]} ({copy})",
+    )
 
 
 @DATASETS.register("cifar10")
@@ -202,82 +232,20 @@ def cifar10(root: Path, download: bool) -> RawDataset:
 
 @DATASETS.register("cifar100")
 def cifar100(root: Path, download: bool) -> RawDataset:
-    """CIFAR-100, 32x32 colour, 100 classes."""
+    """CIFAR-100, 32x32 colour, 100 classes (official files, or an image-folder JPEG copy)."""
     return _cifar("cifar100", root, download)
 
 
 # --------------------------------------------------------------------------- image folders
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
-
-
-def _scan(folder: Path) -> tuple[list[Path], list[int], list[str]]:
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    files, labels = [], []
-    for index, cls in enumerate(classes):
-        for path in sorted((folder / cls).iterdir()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(path)
-                labels.append(index)
-    if not files:
-        raise DatasetNotFoundError(
-            f"no images found in {str(folder)!r}: expected <class>/<image> sub-folders "
-            f"(torchvision ImageFolder layout) with files ending in {sorted(IMAGE_SUFFIXES)}"
-        )
-    return files, labels, classes
-
-
-def decode_images(files: list[Path], size: int | None) -> torch.Tensor:
-    """Decode image files to one uint8 RGB tensor N x 3 x H x W, resized to ``size`` if given."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    from torchvision.transforms.v2.functional import resize
-
-    images = []
-    for path in files:
-        try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-        except RuntimeError as exc:
-            raise InvalidValueError(f"cannot decode image {str(path)!r}: {exc}") from None
-        if size is not None and tuple(image.shape[1:]) != (size, size):
-            image = resize(image, [size, size], antialias=True)
-        images.append(image)
-    shapes = {tuple(i.shape) for i in images}
-    if len(shapes) > 1:
-        raise InvalidValueError(
-            f"images have different sizes {sorted(shapes)[:3]}; pass image_size to resize them"
-        )
-    return torch.stack(images)
-
-
-def decode_image_folder_cached(
-    folder: Path, size: int | None = None
-) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[str]]:
-    """Decode ``folder/train`` and ``folder/test`` once; later calls read a tensor cache."""
-    train_files, train_labels, classes = _scan(folder / "train")
-    test_files, test_labels, _ = _scan(folder / "test")
-    key = f"{folder.resolve()}|{len(train_files)}|{len(test_files)}|{size}"
-    path = cache_dir() / f"{folder.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt"
-    if path.is_file():
-        try:
-            cached = torch.load(path, weights_only=True)
-            return tuple(cached["train"]), tuple(cached["test"]), list(cached["classes"])
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            path.unlink(missing_ok=True)
-    train = (decode_images(train_files, size), torch.tensor(train_labels))
-    test = (decode_images(test_files, size), torch.tensor(test_labels))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"train": list(train), "test": list(test), "classes": classes}, tmp)
-    os.replace(tmp, path)
-    return train, test, classes
-
-
 @DATASETS.register("imagefolder")
-def image_folder(root: Path, download: bool, path: str = "", image_size: int = 32) -> RawDataset:
-    """Your own images in ImageFolder layout: ``imagefolder:PATH`` (decoded into memory).
+def image_folder(root: Path, download: bool, path: str = "",
+                 image_size: int | None = None) -> RawDataset:
+    """Your own images in ImageFolder layout: ``imagefolder:PATH``, decoded into memory.
 
-    With ``PATH/train`` and ``PATH/test`` (or ``PATH/val``) sub-folders those are the splits;
-    otherwise test and validation are carved from ``PATH``. Images are resized to
-    ``image_size`` squared. Suited to datasets that fit in memory.
+    With ``PATH/train`` and ``PATH/test`` (or ``PATH/val``) those are the splits; otherwise test
+    and validation are carved from ``PATH``. Images become RGB, resized to ``image_size`` squared
+    (default: kept when all share one size, else 32). Everything is held in memory (and cached
+    decoded), which suits small and medium datasets, not ImageNet-sized ones.
     """
     folder = Path(path).expanduser()
     if not path or not folder.is_dir():
@@ -285,13 +253,19 @@ def image_folder(root: Path, download: bool, path: str = "", image_size: int = 3
             f"image folder {path!r} does not exist; use imagefolder:PATH with PATH holding "
             "<class>/<image> sub-folders (optionally under train/ and test/)"
         )
+    if image_size is not None and image_size < 1:
+        raise InvalidValueError(f"image_size must be a positive number of pixels, got {image_size}")
     test_dir = next((folder / d for d in ("test", "val") if (folder / d).is_dir()), None)
     if (folder / "train").is_dir() and test_dir is not None:
-        train_files, train_labels, classes = _scan(folder / "train")
-        test_files, test_labels, _ = _scan(test_dir)
-        train = (decode_images(train_files, image_size), torch.tensor(train_labels))
-        test = (decode_images(test_files, image_size), torch.tensor(test_labels))
+        train_files, train_labels, classes = scan_folder(folder / "train")
+        test_files, test_labels, test_classes = scan_folder(test_dir)
+        if test_classes != classes:
+            raise InvalidValueError(
+                f"{test_dir} has classes {test_classes}, but {folder / 'train'} has {classes}"
+            )
+        test = (ImageFiles(test_dir, test_files, image_size), test_labels)
+        train = (ImageFiles(folder / "train", train_files, image_size), train_labels)
     else:
-        files, labels, classes = _scan(folder)
-        train, test = (decode_images(files, image_size), torch.tensor(labels)), None
-    return RawDataset(train, test, classes, None, None, None, f"image folder {folder}")
+        files, labels, classes = scan_folder(folder)
+        train, test = (ImageFiles(folder, files, image_size), labels), None
+    return RawDataset(train, test, classes, source=f"image folder {folder}")

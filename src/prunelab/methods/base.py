@@ -7,6 +7,7 @@ documentation: ``prunelab methods``, the benchmark and the docs all read them fr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,10 @@ from prunelab.sparsity import (
     keep_mask_from_scores,
     prunable_weights,
     set_mask,
+    sparsity_for_compression,
 )
+from prunelab.targets import check_target, solve_ratio
+from prunelab.utils import iter_batches
 
 METHODS: Registry[type[Method]] = Registry("method")
 SCOPES = ("global", "layer")
@@ -58,6 +62,9 @@ class LayerSelection:
             exclude_first=self.exclude_first,
             exclude_last=self.exclude_last,
         )
+
+
+ALL_LAYERS = LayerSelection()
 
 
 @dataclass
@@ -95,6 +102,14 @@ class Method:
             rows.append((f.name, str(f.type), default))
         return rows
 
+    def training_callbacks(self) -> list:
+        """Callbacks for training the model *before* pruning (e.g. sparsity on BN scales).
+
+        Methods such as Network Slimming prune a model trained with their regulariser; the
+        experiment runner trains such a model for them. Default: none.
+        """
+        return []
+
     def prune(
         self,
         model: nn.Module,
@@ -102,8 +117,12 @@ class Method:
         *,
         scope: str = "global",
         data: Iterable | None = None,
-        selection: LayerSelection = LayerSelection(),
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
     ) -> nn.Module:
+        """Prune ``model`` in place. ``sparsity`` is the target value: a sparsity, or with
+        ``target="compression"`` / ``"speedup"`` a parameter / FLOPs reduction factor."""
         raise NotImplementedError
 
 
@@ -124,8 +143,13 @@ class UnstructuredMethod(Method):
         *,
         scope: str = "global",
         data: Iterable | None = None,
-        selection: LayerSelection = LayerSelection(),
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
     ) -> nn.Module:
+        if target != "sparsity":
+            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
+                                          example_input)
         sparsity = check_sparsity(sparsity)
         if scope not in SCOPES:
             raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
@@ -147,6 +171,29 @@ class UnstructuredMethod(Method):
                 else:
                     _apply_global(group, sparsity)
         return model
+
+    def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
+                      data: Iterable | None, selection: LayerSelection,
+                      example_input: torch.Tensor | None) -> float:
+        """The sparsity that reaches a compression (closed form) or a FLOPs speed-up (search)."""
+        check_target(target, value)
+        if target == "compression":
+            return sparsity_for_compression(
+                model, value, include=selection.include, exclude=selection.exclude,
+                exclude_first=selection.exclude_first, exclude_last=selection.exclude_last)
+        from prunelab.metrics import measure
+        from prunelab.structured.graph import as_example
+
+        if example_input is None and data is not None:
+            example_input = next(iter_batches(data, model, limit=1))[0][:1]
+        example = as_example(model, example_input)
+
+        def speedup(ratio: float) -> float:
+            trial = self.prune(copy.deepcopy(model), ratio, scope=scope, data=data,
+                               selection=selection)
+            return measure(trial, example).theoretical_speedup
+
+        return solve_ratio(speedup, value, target)
 
 
 Pair = tuple[PrunableWeight, torch.Tensor]
