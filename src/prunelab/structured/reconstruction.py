@@ -9,13 +9,14 @@ reconstruction methods choose which columns to drop and refit the reader's weigh
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunelab.structured.graph import ChannelGroup
+from prunelab.structured.method import StructuredMethod
 from prunelab.structured.scores import capture
 from prunelab.utils import eval_mode, iter_batches
 
@@ -85,3 +86,46 @@ def sample_readers(model: nn.Module, readers: dict[str, nn.Module], data: Iterab
         weight = reader.weight.detach().float().cpu()
         result[name] = Samples(patches, weight.reshape(weight.shape[0], weight.shape[1], -1))
     return result
+
+
+@dataclass
+class ReconstructionMethod(StructuredMethod):
+    """Base of methods that rank channels on sampled reader inputs and then refit the reader.
+
+    Subclasses implement :meth:`rank` (scores from a group's samples) and :meth:`refit` (new
+    reader weights for the kept channels, before the removed ones go).
+    """
+
+    needs_data = True
+    batches: int | None = 8
+    samples: int = 2000
+    seed: int = 0
+    _samples: dict[str, Samples] = field(default_factory=dict, init=False, repr=False)
+
+    def accepts(self, group: ChannelGroup) -> bool:
+        return single_reader(group) is not None
+
+    def rank(self, sample: Samples) -> torch.Tensor:
+        """One score per input channel of the reader; higher means keep."""
+        raise NotImplementedError
+
+    def refit(self, reader: nn.Module, sample: Samples, kept: list[int]) -> None:
+        """Adjust ``reader``'s weights so the kept channels reproduce its sampled output."""
+        raise NotImplementedError
+
+    def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
+                       data: Iterable | None) -> list[torch.Tensor]:
+        readers = {g.root: single_reader(g) for g in groups}
+        self._samples = sample_readers(model, readers, data, self.batches, self.samples,
+                                       self.seed)
+        return [self.rank(self._samples[g.root]) for g in groups]
+
+    def reconstruct(self, model: nn.Module, groups: list[ChannelGroup],
+                    plan: dict[str, list[int]], data: Iterable | None) -> None:
+        for group in groups:
+            removed = set(plan.get(group.root, []))
+            if removed:
+                kept = [c for c in range(group.size) if c not in removed]
+                with torch.no_grad():
+                    self.refit(single_reader(group), self._samples[group.root], kept)
+        self._samples = {}
