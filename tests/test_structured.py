@@ -239,3 +239,12 @@ def test_structured_scratch_and_targets_in_a_sweep(tmp_path) -> None:
         if row["method"] != "dense":
             assert row["theoretical_speedup"] == pytest.approx(2.0, rel=0.05)
             assert row["achieved_sparsity"] == 0.0  # channels removed, nothing masked
+
+
+def test_round_to_keeps_multiples_of_eight() -> None:
+    model = build("vgg11-cifar")
+    prunelab.prune(model, "l2-channel", sparsity=0.3, scope="layer", round_to=8)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    assert sum(c.out_channels for c in convs) < sum(
+        c.out_channels for c in build("vgg11-cifar").modules() if isinstance(c, nn.Conv2d))

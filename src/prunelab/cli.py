@@ -252,11 +252,17 @@ def results(
 
 
 @app.command()
-def report(folder: Annotated[Path, typer.Argument(help="a sweep's results folder")]) -> None:
+def report(
+    folder: Annotated[Path, typer.Argument(help="a sweep's results folder")],
+    markdown: Annotated[bool, typer.Option(help="also print the tables as Markdown")] = False,
+) -> None:
     """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report."""
-    from prunelab.bench.report import write_report
+    from prunelab.bench.report import markdown_summary, write_report
 
-    console.print(f"report: {write_report(folder)}")
+    path = write_report(folder)
+    if markdown:
+        sys.stdout.write(markdown_summary(folder))
+    console.print(f"report: {path}")
 
 
 def main(argv: list[str] | None = None) -> None:

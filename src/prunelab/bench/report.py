@@ -79,7 +79,7 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    dense = summarize(r["test_top1"] for r in rows if r["method"] == "dense")
+    dense = summarize(r["test_top1"] for r in rows if r.get("label") == "dense")
     made = []
     for x, label in (("compression", "compression (params / non-zeros)"),
                      ("theoretical_speedup", "theoretical speed-up (dense / effective FLOPs)")):
@@ -157,7 +157,7 @@ def _recovery_comparison(rows: list[dict[str, Any]]) -> str:
 def _page(folder: Path, rows: list[dict], failed: list[dict], figures: list[tuple[str, str]]
           ) -> str:
     dense = [r for r in rows if r["method"] == "dense"]
-    dense_top1 = summarize(r["test_top1"] for r in dense)
+    dense_top1 = summarize(r["test_top1"] for r in dense if r.get("label") == "dense")
     first = rows[0]
     env = json.loads(first.get("environment_json") or "{}")
     lines = table(rows)
@@ -205,3 +205,21 @@ Accuracy is on the test set; epochs were chosen on a validation split.</p>
 <code>results.sqlite</code> records its own config, seed, versions and commit.</p>
 </body></html>
 """
+
+
+def markdown_summary(folder: str | os.PathLike) -> str:
+    """The report's tables as Markdown (for docs): per method × recovery × target, and the
+    recovery comparison."""
+    with ResultStore(Path(folder) / STORE) as store:
+        rows = store.rows()
+    dense = summarize(r["test_top1"] for r in rows if r.get("label") == "dense")
+    lines = [f"Unpruned: {dense.mean:.2f} ± {dense.std:.2f}% top-1 over {dense.n} seeds "
+             f"({rows[0].get('data_source') or rows[0]['dataset']}).", "",
+             "| method | recovery | target | seeds | top-1 % (mean ± std) | 95% CI ± | "
+             "compression | theor. speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for x in table(rows):
+        ci = f"{x['top1_ci95']:.2f}" if x["top1_ci95"] is not None else "–"
+        lines.append(f"| {x['method']} | {x['recovery']} | {x['target']} | {x['seeds']} | "
+                     f"{x['top1_mean']:.2f} ± {x['top1_std']:.2f} | {ci} | "
+                     f"{x['compression']:.2f} | {x['speedup']:.2f} |")
+    return "\n".join(lines) + "\n"

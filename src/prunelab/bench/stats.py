@@ -49,9 +49,11 @@ def table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One line per method × recovery × target: top-1 mean/std/CI and mean size and speed."""
     lines = []
     runs = [r for r in rows if r.get("method") != "dense"]
-    for (label, recovery, kind, value), members in sorted(
-        group_rows(runs).items(), key=lambda item: tuple(str(x) for x in item[0])
-    ):
+    def order(item: tuple) -> tuple:
+        label, recovery, kind, value = item[0]
+        return str(label), str(recovery), str(kind), value if value is not None else -1.0
+
+    for (label, recovery, kind, value), members in sorted(group_rows(runs).items(), key=order):
         top1 = summarize(r["test_top1"] for r in members)
         lines.append({
             "method": label, "recovery": recovery, "target": f"{kind} {value:g}",

@@ -43,6 +43,8 @@ class StructuredMethod(Method):
     granularity: ClassVar[str] = "channel"
     #: Raw scores can be ranked across layers (BN scales) or are normalised per group first.
     comparable_across_layers: ClassVar[bool] = False
+    #: Keep a multiple of this many channels per layer (8 or 16 suit SIMD kernels best).
+    round_to: int = 1
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
                        data: Iterable | None) -> list[torch.Tensor]:
@@ -97,8 +99,9 @@ class StructuredMethod(Method):
         scores = [s.detach().float().cpu() for s in self.channel_scores(model, groups, data)]
 
         def plan_for(ratio: float) -> Plan:
-            return _plan(groups, scores, ratio, scope, selection.layer_sparsity,
+            plan = _plan(groups, scores, ratio, scope, selection.layer_sparsity,
                          self.comparable_across_layers, self.channel_count)
+            return _rounded(plan, groups, scores, self.round_to)
 
         ratio = sparsity
         if target != "sparsity":
@@ -157,6 +160,24 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
         for _, i, j in pooled[: min(round(ratio * total), len(pooled))]:
             plan.setdefault(groups[i].root, []).append(j)
     return plan
+
+
+def _rounded(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor],
+             multiple: int) -> Plan:
+    """Adjust each group so that the channels it keeps are a multiple of ``multiple`` (nearest,
+    at least one multiple; groups smaller than it are left as planned)."""
+    if multiple <= 1:
+        return plan
+    out: Plan = {}
+    for group, score in zip(groups, scores, strict=True):
+        removed = len(plan.get(group.root, []))
+        if group.size <= multiple or not removed:
+            out[group.root] = plan.get(group.root, [])
+            continue
+        kept = round((group.size - removed) / multiple) * multiple
+        kept = min(max(kept, multiple), group.size)
+        out[group.root] = score.argsort(stable=True)[: group.size - kept].tolist()
+    return out
 
 
 def _pruned_copy(model: nn.Module, plan: Plan, example: torch.Tensor,
