@@ -28,8 +28,10 @@ def timed_sweep(spec, jobs: int, executor: str = "local") -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=60,
+                        help="work per run: enough that process start-up does not dominate")
     args = parser.parse_args()
-    spec = small_sweep(seeds=(0, 1))
+    spec = small_sweep(seeds=(0, 1), finetune_epochs=args.finetune_epochs)
     times: dict[int, list[float]] = {1: [], 2: []}
     for i in range(args.repeats):
         for jobs in ((1, 2) if i % 2 == 0 else (2, 1)):

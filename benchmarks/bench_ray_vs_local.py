@@ -16,8 +16,10 @@ from sweep_common import small_sweep
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=60,
+                        help="work per run: enough that Ray's start-up does not dominate")
     args = parser.parse_args()
-    spec = small_sweep(seeds=(0, 1), threads=1)
+    spec = small_sweep(seeds=(0, 1), threads=1, finetune_epochs=args.finetune_epochs)
     times: dict[str, list[float]] = {"local": [], "ray": []}
     for i in range(args.repeats):
         for executor in (("local", "ray") if i % 2 == 0 else ("ray", "local")):

@@ -129,7 +129,10 @@ def _ray_execute(task: Task, messages: Any) -> dict:
 
 
 def drain(messages: Any) -> list[tuple[str, str]]:
-    """Every phase message waiting in the queue."""
+    """Every phase message waiting in the queue (one round trip for Ray's queue)."""
+    if hasattr(messages, "get_nowait_batch"):
+        waiting = messages.qsize()
+        return messages.get_nowait_batch(waiting) if waiting else []
     out = []
     while True:
         try:

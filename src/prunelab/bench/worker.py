@@ -33,10 +33,19 @@ def ignore_progress(key: str, text: str) -> None:
 _report: Callable[[str, str], None] = ignore_progress
 
 
-def set_progress(report: Callable[[str, str], None]) -> None:
-    """Route phase messages ``(task key, text)`` to the sweep's display."""
+def set_progress(report: Callable[[str, str], None], every: float = 0.5) -> None:
+    """Route phase messages ``(task key, text)`` to the sweep's display, at most one per
+    ``every`` seconds per task (sending one can cost a round trip, as with Ray's queue)."""
     global _report
-    _report = report
+    last: dict[str, float] = {}
+
+    def throttled(key: str, text: str) -> None:
+        now = time.monotonic()
+        if now - last.get(key, -every) >= every:
+            last[key] = now
+            report(key, text)
+
+    _report = throttled
 
 
 def _experiment(spec: SweepSpec, key: str) -> Experiment:
