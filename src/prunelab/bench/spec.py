@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from prunelab.experiment import (
     ExperimentConfig,
@@ -62,18 +69,13 @@ class Grid(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     recoveries: list[RecoveryConfig] | None = None
 
-    @field_validator("methods", mode="before")
+    @field_validator("methods", "recoveries", mode="before")
     @classmethod
-    def _method_names(cls, value: Any) -> Any:
+    def _names(cls, value: Any, info: ValidationInfo) -> Any:
+        """A bare name stands for its mapping: ``magnitude`` -> ``{method: magnitude}``."""
+        key = {"methods": "method", "recoveries": "kind"}[info.field_name]
         if isinstance(value, list):
-            return [{"method": v} if isinstance(v, str) else v for v in value]
-        return value
-
-    @field_validator("recoveries", mode="before")
-    @classmethod
-    def _recovery_names(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"kind": v} if isinstance(v, str) else v for v in value]
+            return [{key: v} if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("methods", "seeds")
