@@ -235,13 +235,33 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
 
 
 @pytest.fixture
-def ray_cluster():
-    """A one-machine Ray cluster started as users start one: ``ray start --head``."""
-    pytest.importorskip("ray")
+def ray_cluster(monkeypatch):
+    """A one-machine Ray cluster started as users start one: ``ray start --head``.
+
+    It gets a port the OS reports free and its own authentication token, shared with this
+    process through Ray's environment variables, so neither a cluster left on the machine by
+    someone else nor a token in ``~/.ray`` can be mistaken for it.
+    """
+    import secrets
+    import socket
+
     ray_bin = Path(sys.executable).parent / "ray"
-    port = 6390 + os.getpid() % 200
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0"}
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for name, value in auth.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    pytest.importorskip("ray")
+    # Ray reads its authentication settings once per process; make it read them again.
+    from ray._raylet import AuthenticationTokenLoader, Config
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    env = os.environ | auth | {"RAY_USAGE_STATS_ENABLED": "0"}
     started = subprocess.run(
         [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--include-dashboard=false", f"--temp-dir={temp}"],

@@ -101,7 +101,11 @@ class RayExecutor:
         try:
             ray.init(**options)
         except (ConnectionError, RuntimeError) as exc:
-            raise PrunelabError(f"cannot reach the Ray cluster at {address!r}: {exc}") from None
+            raise PrunelabError(
+                f"cannot reach the Ray cluster at {address!r}: {exc}. Check the address, and if "
+                "the cluster uses token authentication give this machine its token "
+                "(RAY_AUTH_TOKEN or ~/.ray/auth_token, see `ray get-auth-token`)"
+            ) from None
         self.messages = Queue()
         self._remote = ray.remote(num_cpus=threads)(_ray_execute)
 
