@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import yaml
 from prunelab.bench import ResultStore, SweepSpec, run_sweep
 from prunelab.bench.stats import summarize
 from prunelab.config import load_config, validate
-from prunelab.errors import ConfigError, UnknownNameError
+from prunelab.errors import ConfigError, PrunelabError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "digits-smoke.yaml"
@@ -62,6 +63,31 @@ def test_spec_errors_name_the_key_before_any_training(tmp_path) -> None:
     with pytest.raises(UnknownNameError, match="snip-typo"):
         run_sweep(spec, tmp_path / "out", quiet=True)
     assert not (tmp_path / "out" / "dense").exists()  # failed before training anything
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [({"grid": {"methods": [{"method": "magnitude", "options": {"bogus": 1}}]}}, "no option"),
+     ({"grid": {"recoveries": [{"kind": "rewind", "rewind_epoch": 3}]}}, "below the training"),
+     ({"schedule": {"kind": "gradual"}, "grid": {"recoveries": ["rewind"]}}, "cannot be combined"),
+     ({"grid": {"methods": ["l1-filter"], "recoveries": ["rewind"]}}, "cannot rewind"),
+     ({"schedule": {"kind": "iterative"}, "grid": {"methods": ["l1-filter"]}}, "one-shot")],
+)
+def test_plans_that_cannot_work_fail_before_training(tmp_path, changes, message) -> None:
+    data = tiny_spec()
+    data["grid"] |= changes.pop("grid", {})
+    spec = validate(SweepSpec, data | changes)
+    with pytest.raises(PrunelabError, match=message):
+        run_sweep(spec, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out" / "dense").exists()
+
+
+def test_two_different_methods_need_different_labels() -> None:
+    twins = [{"method": "random", "options": {"seed": 1}}, {"method": "random"}]
+    with pytest.raises(ConfigError, match="distinct label"):
+        validate(SweepSpec, tiny_spec(methods=twins))
+    twins[0]["label"] = "random (seed 1)"
+    assert len(validate(SweepSpec, tiny_spec(methods=twins)).runs()) == 2
 
 
 def test_smoke_example_in_parallel_then_nothing_left(tmp_path) -> None:
@@ -166,6 +192,32 @@ def test_kill_9_then_resume_finishes_only_what_is_missing(tmp_path) -> None:
     with ResultStore(out / "results.sqlite") as store:
         assert store.integrity() == "ok"
         assert not store.rows(status="failed")
+
+
+def test_store_replaces_failed_rows_whole_and_keeps_ok_rows(tmp_path) -> None:
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        store.put({"run_key": "a", "status": "failed", "error": "boom", "seed": 3})
+        store.put({"run_key": "a", "status": "ok", "test_top1": 90.0})
+        store.put({"run_key": "a", "status": "failed", "error": "late failure"})
+        (row,) = store.rows()
+    assert (row["status"], row["error"], row["seed"], row["test_top1"]) == ("ok", None, None, 90.0)
+
+
+def test_local_executor_starts_afresh_after_a_worker_died(tmp_path) -> None:
+    from prunelab.bench.executors import LocalExecutor
+    from prunelab.bench.sweep import plan
+
+    spec = validate(SweepSpec, tiny_spec())
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        dense, _, _ = plan(spec, store, tmp_path, 1)
+    pool = LocalExecutor(1)
+    try:
+        with pytest.raises(BrokenProcessPool):
+            pool._pool.submit(os._exit, 1).result()  # the worker dies, as when killed for memory
+        ((_, row),) = list(pool.run(dense, lambda: None))
+    finally:
+        pool.close()
+    assert row["status"] == "ok", row.get("error")
 
 
 def test_two_sweeps_on_one_folder_do_not_corrupt_the_store(tmp_path) -> None:

@@ -166,4 +166,4 @@ def test_example_configs_validate() -> None:
     sweeps = [p for p in examples if "grid:" in p.read_text()]
     assert sweeps and len(sweeps) < len(examples)
     for path in examples:
-        load_config(SweepSpec if path in sweeps else RunConfig, path).check_names()
+        load_config(SweepSpec if path in sweeps else RunConfig, path).check_plan()

@@ -129,6 +129,14 @@ def test_gradual_pruning_reaches_the_target_with_rising_masks() -> None:
     assert mask_sparsity(model) == pytest.approx(0.8, abs=1e-2)
 
 
+def test_gradual_pruning_reaches_the_target_at_the_ramp_end_not_after_training() -> None:
+    model = mlp()
+    agp = GradualPruning(Pruner("magnitude"), 0.8, end=0.5, frequency=7)  # 7 does not divide
+    train(model, blobs(), RECIPE, callbacks=[agp], quiet=True)
+    total = RECIPE.epochs * len(blobs())
+    assert agp.applied[-1] == (int(0.5 * total), 0.8)  # the rest of training recovers
+
+
 def test_iterative_with_recovery_calls_recover_each_round() -> None:
     model = mlp()
     seen: list[float] = []

@@ -78,7 +78,7 @@ def run(
         if value is not None:
             recipe = getattr(cfg, stage).model_dump() | {"epochs": value}
             cfg = validate(RunConfig, cfg.model_dump() | {stage: recipe}, source)
-    cfg.check_names()
+    cfg.check_plan()
     console.print(
         f"[bold]prunelab run[/]: {cfg.model} on {cfg.dataset}, {cfg.method} ({cfg.scope}), "
         f"{cfg.schedule.kind} + {cfg.recovery.kind}, seed {cfg.seed}"

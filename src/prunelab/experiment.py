@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -31,7 +31,6 @@ from prunelab.structured.graph import replay_structure, structure_of
 from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
 from prunelab.utils import seed_everything
 
-RECOVERIES = ("finetune", "rewind", "scratch-e", "scratch-b", "none")
 SCRATCH_SEED_OFFSET = 10_000  # Scratch-E/B start from a fresh draw, not the dense model's init
 
 
@@ -116,12 +115,34 @@ class ExperimentConfig(BaseModel):
                 data[key] = PRESETS[name]
         return data
 
-    def check_names(self, methods: list[str] = ()) -> None:
-        """Fail on unknown method/model/dataset names before any training starts."""
-        for method in methods:
-            METHODS.get(method)
+    def check_plan(self, choices: Sequence[MethodChoice] = (),
+                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+        """Fail before any training on what a run would only find out later: unknown names or
+        method options, and schedule/recovery combinations that cannot work."""
         datasets.check_name(self.dataset)
         models.check_name(self.model)
+        recoveries = list(recoveries) or [self.recovery]
+        for recovery in recoveries:
+            if recovery.kind != "rewind":
+                continue
+            if self.schedule.kind == "gradual":
+                raise ConfigError("gradual pruning happens while fine-tuning: it cannot be "
+                                  "combined with rewinding (use one-shot or iterative)")
+            if recovery.rewind_epoch >= self.train.epochs:
+                raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
+                                  f"training epochs ({self.train.epochs})")
+        for choice in choices:
+            method = METHODS.get(choice.method)
+            method.create(**choice.options)
+            if method.granularity == "unstructured":
+                continue
+            if self.schedule.kind != "one-shot":
+                raise ConfigError(f"structured method {choice.method!r} prunes one-shot; set "
+                                  f"schedule.kind to one-shot")
+            if any(r.kind == "rewind" for r in recoveries):
+                raise ConfigError(f"structured method {choice.method!r} changes the "
+                                  f"architecture, so it cannot rewind; use finetune, scratch-e "
+                                  f"or scratch-b")
 
     def dense_key(self, seed: int, choice: MethodChoice | None = None) -> str:
         """Identifies the dense model of this setting and seed (its cache file name).
@@ -130,7 +151,7 @@ class ExperimentConfig(BaseModel):
         BN scales) get their own dense model: ``choice`` names it.
         """
         fields = ("model", "model_kwargs", "dataset", "val_fraction", "data_limit", "train",
-                  "keep_best")
+                  "keep_best", "latency")  # latency: its batch size sets the row's FLOPs
         variant = training_variant(choice)
         return config_hash({"dense": self.model_dump(include=set(fields), mode="json"),
                             "seed": seed} | ({"variant": variant} if variant else {}))
@@ -239,12 +260,17 @@ class Experiment:
         return models.create(self.config.model, **(kwargs | self.config.model_kwargs))
 
     def fit(self, model: nn.Module, recipe: TrainRecipe, seed: int, label: str,
-            callbacks: list[Callback] = (), start_epoch: int = 0) -> None:
-        """Train with the experiment's data; the epoch is chosen on validation (keep_best)."""
+            callbacks: list[Callback] = (), start_epoch: int = 0,
+            keep_best: bool = True) -> None:
+        """Train with the experiment's data; the epoch is chosen on validation (keep_best).
+
+        Pass ``keep_best=False`` when the model changes during training in ways an earlier
+        epoch must not undo (gradual pruning: an earlier epoch has fewer weights pruned).
+        """
         val = self.val
         train(
             model, self.loader("train", recipe.batch_size, seed, shuffle=True), recipe,
-            val_data=val, keep_best=self.config.keep_best and val is not None,
+            val_data=val, keep_best=keep_best and self.config.keep_best and val is not None,
             callbacks=[*callbacks, _Phase(self.on_phase, label)], start_epoch=start_epoch,
             quiet=self.quiet, description=label,
         )
@@ -273,10 +299,11 @@ class Experiment:
     def pruner(self, choice: MethodChoice, seed: int) -> Pruner:
         c = self.config
         options = dict(choice.options)
-        if choice.method == "random":
-            options.setdefault("seed", seed)  # random masks differ per seed unless fixed
-        calibration = _Limited(self.loader("train", c.finetune.batch_size, seed, shuffle=True),
-                               c.calibration_batches)
+        if "seed" in METHODS.get(choice.method).option_names():
+            options.setdefault("seed", seed)  # random draws differ per run seed unless fixed
+        calibration = _Limited(
+            self.bundle.loader("train", c.finetune.batch_size, shuffle=True, seed=seed),
+            c.calibration_batches)
         return Pruner(
             method=choice.method, scope=choice.scope, options=options,
             include=tuple(c.include) if c.include is not None else None,
@@ -319,9 +346,6 @@ class Experiment:
 
         sparsity = None
         if METHODS.get(choice.method).granularity != "unstructured":
-            if c.schedule.kind != "one-shot":
-                raise ConfigError(f"structured method {choice.method!r} prunes one-shot; "
-                                  f"set schedule.kind to one-shot")
             pruner(model, value, kind, self.example)
             if between is not None:
                 between(model)
@@ -331,7 +355,7 @@ class Experiment:
             agp = GradualPruning(pruner, sparsity, start=c.schedule.agp_start,
                                  end=c.schedule.agp_end,
                                  frequency=c.schedule.agp_frequency or max(1, steps // 4))
-            self.fit(model, c.finetune, seed, "gradual", [agp])
+            self.fit(model, c.finetune, seed, "gradual", [agp], keep_best=False)
         else:
             sparsity = self.resolve_sparsity(model, kind, value, pruner)
             rounds = c.schedule.rounds if c.schedule.kind == "iterative" else 1
@@ -343,9 +367,6 @@ class Experiment:
     def _rewinder(self, dense: DenseModel, seed: int, recovery: RecoveryConfig
                   ) -> Callable[[nn.Module], None]:
         c = self.config
-        if recovery.rewind_epoch >= c.train.epochs:
-            raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
-                              f"training epochs ({c.train.epochs})")
         state = dense.snapshots.get(recovery.rewind_epoch)
         if state is None:
             raise ConfigError(f"no snapshot at epoch {recovery.rewind_epoch} to rewind to")
@@ -422,12 +443,14 @@ class Experiment:
 
 
 class _Limited:
-    """The first ``n`` batches of a loader, re-iterable (calibration data)."""
+    """The first ``n`` batches of a loader's first epoch, the same on every pass (calibration
+    data: it must not depend on how many epochs the loader served before)."""
 
     def __init__(self, batches: Any, n: int):
         self.batches, self.n = batches, n
 
     def __iter__(self):
+        self.batches.set_epoch(0)
         for i, batch in enumerate(self.batches):
             if i >= self.n:
                 return

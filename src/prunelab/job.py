@@ -11,15 +11,14 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from prunelab.errors import ConfigError
-from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
+from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice, RecoveryConfig
 from prunelab.provenance import config_hash, environment
 from prunelab.sparsity import check_sparsity
 
@@ -42,10 +41,13 @@ class RunConfig(ExperimentConfig):
             raise ValueError("give at least one sparsity")
         return [check_sparsity(v) for v in value]
 
-    def check_names(self, methods: list[str] = ()) -> None:
-        super().check_names([self.method, *methods])
-        if self.schedule.kind == "gradual" and self.recovery.kind == "rewind":
-            raise ConfigError("gradual pruning happens while fine-tuning: it cannot rewind")
+    @property
+    def choice(self) -> MethodChoice:
+        return MethodChoice(method=self.method, scope=self.scope, options=self.method_options)
+
+    def check_plan(self, choices: Sequence[MethodChoice] = (),
+                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+        super().check_plan([self.choice, *choices], recoveries)
 
 
 @dataclass
@@ -69,12 +71,11 @@ def run_job(
     The results folder appears only when everything succeeded (written to a hidden temp folder
     and renamed), so a crash never leaves half a result behind.
     """
-    config.check_names()
+    config.check_plan()
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
     snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()
-    choice = MethodChoice(method=config.method, scope=config.scope,
-                          options=config.method_options)
+    choice = config.choice
     dense = experiment.train_dense(config.seed, snapshot_epochs, choice)
     rows = [dense.row | {"target_sparsity": 0.0}]
     if on_row:

@@ -150,8 +150,9 @@ class GradualPruning(Callback):
 
     def on_step_begin(self, state: TrainState) -> None:
         first, last = self._ramp(state)
-        if state.step < first or state.step > last or (state.step - first) % self.frequency:
-            return
+        on_grid = (state.step - first) % self.frequency == 0
+        if state.step < first or state.step > last or not (on_grid or state.step == last):
+            return  # masks change every `frequency` steps, and at the ramp's end
         target = agp_sparsity(
             state.step, final=self.final, initial=self.initial, start=first, steps=last - first
         )

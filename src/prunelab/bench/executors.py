@@ -56,13 +56,25 @@ class LocalExecutor:
     """``jobs`` worker processes on this machine (spawned: safe with torch's thread pools)."""
 
     def __init__(self, jobs: int):
-        context = multiprocessing.get_context("spawn")
-        self.messages = context.Queue()
-        self._pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_local,
-                                         initargs=(self.messages,))
+        self.jobs = jobs
+        self._context = multiprocessing.get_context("spawn")
+        self.messages = self._context.Queue()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.jobs, mp_context=self._context, initializer=_init_local,
+                                   initargs=(self.messages,))
+
+    def _submit(self, task: Task) -> Any:
+        try:
+            return self._pool.submit(worker.execute, task)
+        except BrokenProcessPool:  # a worker of an earlier batch died: start afresh
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool()
+            return self._pool.submit(worker.execute, task)
 
     def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
-        futures = {self._pool.submit(worker.execute, task): task for task in tasks}
+        futures = {self._submit(task): task for task in tasks}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)

@@ -6,6 +6,7 @@ keeps one row per key, which is what makes a sweep resumable and duplicate-free.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import (
@@ -85,6 +86,18 @@ class Grid(BaseModel):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("methods")
+    @classmethod
+    def _distinct_labels(cls, value: list[MethodChoice]) -> list[MethodChoice]:
+        """Results are grouped by label, so two different choices must not share one."""
+        seen: dict[str, MethodChoice] = {}
+        for choice in value:
+            other = seen.setdefault(choice.name, choice)
+            if other is not choice and other != choice:
+                raise ValueError(f"two methods are labelled {choice.name!r} but differ (e.g. in "
+                                 f"options); give each a distinct label")
+        return value
+
 
 class RunSpec(BaseModel):
     """One cell of the grid."""
@@ -144,5 +157,6 @@ class SweepSpec(ExperimentConfig):
     def snapshot_epochs(self) -> set[int]:
         return {r.rewind_epoch for r in self.recoveries() if r.kind == "rewind"}
 
-    def check_names(self, methods: list[str] = ()) -> None:
-        super().check_names([*methods, *(c.method for c in self.grid.methods)])
+    def check_plan(self, choices: Sequence[MethodChoice] = (),
+                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+        super().check_plan([*choices, *self.grid.methods], [*recoveries, *self.recoveries()])

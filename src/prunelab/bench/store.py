@@ -86,9 +86,13 @@ class ResultStore:
         self.close()
 
     def put(self, row: Mapping[str, Any]) -> None:
-        """Insert or (unless the stored row is ``ok``) replace a row; unknown keys are dropped."""
-        values = {k: _sql_value(v) for k, v in row.items() if k in COLUMNS}
-        names = list(values)
+        """Insert or (unless the stored row is ``ok``) replace a row; unknown keys are dropped.
+
+        A replaced row is replaced whole: columns missing from ``row`` become NULL, so a run
+        that succeeds on retry keeps no ``error`` of its failed try.
+        """
+        names = list(COLUMNS)
+        values = {n: _sql_value(row.get(n)) for n in names}
         updates = ", ".join(f"{n} = excluded.{n}" for n in names if n != "run_key")
         self._db.execute(
             f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "

@@ -78,7 +78,7 @@ def run_sweep(
         raise InvalidValueError(f"--jobs must be at least 1, got {jobs}")
     if executor not in ("local", "ray"):
         raise InvalidValueError(f"executor must be local or ray, got {executor!r}")
-    spec.check_names()
+    spec.check_plan()
     console = console or Console(stderr=True)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

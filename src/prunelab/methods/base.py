@@ -78,7 +78,7 @@ class Method:
     @classmethod
     def create(cls, **options: Any) -> Method:
         """Instantiate with ``options``; unknown option names raise a readable error."""
-        valid = {f.name for f in dataclasses.fields(cls)}
+        valid = set(cls.option_names())
         unknown = sorted(set(options) - valid)
         if unknown:
             allowed = ", ".join(sorted(valid)) or "none"
@@ -94,10 +94,17 @@ class Method:
         return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
 
     @classmethod
+    def option_names(cls) -> list[str]:
+        """The options a user may set (dataclass fields, less internal ``init=False`` ones)."""
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each option."""
         rows = []
         for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
             default = f.default if f.default is not dataclasses.MISSING else None
             rows.append((f.name, str(f.type), default))
         return rows
