@@ -111,3 +111,12 @@ def test_scoring_leaves_the_model_unchanged() -> None:
     prunelab.prune(model, "activation", 0.6, data=data)
     assert model.training and torch.equal(model[1].running_mean, stats)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_compression_target_accounts_for_layer_overrides() -> None:
+    model = nn.Sequential(nn.Linear(40, 50), nn.ReLU(), nn.Linear(50, 30), nn.ReLU(),
+                          nn.Linear(30, 5))
+    prunelab.prune(model, "magnitude", compression=2.0, layer_sparsity={"4": 0.2})
+    total, nonzero = prunelab.metrics.count_parameters(model)
+    assert total / nonzero == pytest.approx(2.0, rel=0.01)
+    assert float((model[4].weight == 0).float().mean()) == pytest.approx(0.2, abs=0.01)

@@ -182,25 +182,33 @@ class UnstructuredMethod(Method):
     def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
                       data: Iterable | None, selection: LayerSelection,
                       example_input: torch.Tensor | None) -> float:
-        """The sparsity that reaches a compression (closed form) or a FLOPs speed-up (search)."""
+        """The sparsity that reaches a compression or a FLOPs speed-up.
+
+        Compression has a closed form unless per-layer overrides fix some layers' sparsity;
+        then, like a speed-up, it is searched by pruning copies and measuring them.
+        """
         check_target(target, value)
-        if target == "compression":
+        if target == "compression" and not selection.layer_sparsity:
             return sparsity_for_compression(
                 model, value, include=selection.include, exclude=selection.exclude,
                 exclude_first=selection.exclude_first, exclude_last=selection.exclude_last)
-        from prunelab.metrics import measure
+        from prunelab.metrics import count_parameters, measure
         from prunelab.structured.graph import as_example
 
-        if example_input is None and data is not None:
-            example_input = next(iter_batches(data, model, limit=1))[0][:1]
-        example = as_example(model, example_input)
+        if target == "speedup":
+            if example_input is None and data is not None:
+                example_input = next(iter_batches(data, model, limit=1))[0][:1]
+            example = as_example(model, example_input)
 
-        def speedup(ratio: float) -> float:
+        def achieved(ratio: float) -> float:
             trial = self.prune(copy.deepcopy(model), ratio, scope=scope, data=data,
                                selection=selection)
-            return measure(trial, example).theoretical_speedup
+            if target == "speedup":
+                return measure(trial, example).theoretical_speedup
+            total, nonzero = count_parameters(trial)
+            return total / max(nonzero, 1)
 
-        return solve_ratio(speedup, value, target)
+        return solve_ratio(achieved, value, target)
 
 
 Pair = tuple[PrunableWeight, torch.Tensor]
