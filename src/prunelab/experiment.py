@@ -412,7 +412,9 @@ class Experiment:
 
         With the ``dense`` model it came from, compression and speed-ups are relative to it
         (params / non-zeros and FLOPs / effective FLOPs of the *original* network), which is
-        what a model that lost channels needs; measured speed-up compares latencies.
+        what a model that lost channels needs; measured speed-up compares latencies. The
+        achieved sparsity is the masked fraction of prunable weights, or for a model that lost
+        channels the fraction of the dense model's parameters that are gone.
         """
         topk = (1, 5) if self.bundle.num_classes > 10 else (1,)
         test = evaluate(model, self.loader("test", 256), topk=topk)
@@ -433,6 +435,8 @@ class Experiment:
             row["test_top5"] = test["top5"]
         row.update(size.summary())
         if dense is not None:
+            if structure_of(model):  # channels removed, no masks: the parameters removed
+                row["achieved_sparsity"] = 1 - size.nonzero_params / dense.row["params"]
             row["compression"] = dense.row["params"] / max(size.nonzero_params, 1)
             row["theoretical_speedup"] = dense.row["flops"] / max(size.effective_flops, 1)
             row["dense_top1"] = dense.row["test_top1"]
