@@ -34,17 +34,20 @@ class ChannelRegression(ReconstructionMethod):
     """Channel pruning by LASSO regression (He et al. 2017), then least-squares reconstruction.
 
     On sampled activations, the next layer's output is a sum of per-input-channel contributions
-    with one coefficient β per channel; a LASSO path ranks channels by how strong a sparsity
-    penalty they survive. After choosing the channels, the next layer's weights for the kept
-    channels are refit by linear least squares to reproduce its original output. Needs a channel
-    group read by one plain layer (channels tied across residual additions are left alone).
+    with one coefficient β per channel; a LASSO path (on ``rows`` random sample/output pairs)
+    ranks channels by how strong a sparsity penalty they survive. After choosing the channels,
+    the next layer's weights for the kept channels are refit by linear least squares to
+    reproduce its original output. Needs a channel group read by one plain layer (channels tied
+    across residual additions are left alone).
     """
 
     samples: int = 1500
+    rows: int = 20000
 
     def rank(self, sample: Samples) -> torch.Tensor:
-        z = sample.contributions().double()  # (M, O, C)
-        return lasso_ranking(z.reshape(-1, z.shape[2]), z.sum(2).reshape(-1))
+        generator = torch.Generator().manual_seed(self.seed)
+        z = sample.contributions(self.rows, generator).double()  # (rows, C)
+        return lasso_ranking(z, z.sum(1))
 
     def refit(self, reader: nn.Module, sample: Samples, kept: list[int]) -> None:
         """Refit the reader's weights on the kept channels: min ‖Y − X_kept W‖² (lstsq)."""

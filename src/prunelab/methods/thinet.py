@@ -44,11 +44,9 @@ class ThiNet(ReconstructionMethod):
     samples: int = 4000
 
     def _contributions(self, sample: Samples) -> torch.Tensor:
-        """(samples, channels) at one random output channel per sample, as in the paper."""
+        """(samples, channels) at random (sample, output channel) pairs, as in the paper."""
         generator = torch.Generator().manual_seed(self.seed)
-        outputs = torch.randint(0, sample.weight.shape[0], (len(sample.patches),),
-                                generator=generator)
-        return torch.einsum("mck,mck->mc", sample.patches, sample.weight[outputs]).double()
+        return sample.contributions(len(sample.patches), generator).double()
 
     def rank(self, sample: Samples) -> torch.Tensor:
         order = greedy_removal_order(self._contributions(sample))

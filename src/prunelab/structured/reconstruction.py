@@ -43,13 +43,19 @@ class Samples:
     patches: torch.Tensor
     weight: torch.Tensor
 
-    def contributions(self) -> torch.Tensor:
-        """Z with every output channel: (M, O, C)."""
-        return torch.einsum("mck,ock->moc", self.patches, self.weight)
+    def contributions(self, rows: int, generator: torch.Generator) -> torch.Tensor:
+        """Z at up to ``rows`` random (sample, output channel) pairs: (rows, C).
+
+        Every pair of a wide layer would be M·O·C numbers (gigabytes for 512 channels), so
+        pairs are drawn at random, as the papers sample outputs.
+        """
+        pairs = torch.randperm(len(self.patches) * len(self.weight), generator=generator)[:rows]
+        m, o = pairs // len(self.weight), pairs % len(self.weight)
+        return torch.einsum("rck,rck->rc", self.patches[m], self.weight[o])
 
     def output(self) -> torch.Tensor:
         """The reader's output at the samples, without bias: (M, O)."""
-        return self.contributions().sum(2)
+        return torch.einsum("mck,ock->mo", self.patches, self.weight)
 
 
 def _patches(reader: nn.Module, x: torch.Tensor) -> torch.Tensor:
