@@ -79,15 +79,21 @@ class Interrupt(prunelab.training.Callback):
             raise KeyboardInterrupt
 
 
-def test_checkpoint_resume_gives_the_same_weights(tmp_path) -> None:
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_checkpoint_resume_gives_the_same_weights(tmp_path, keep_best) -> None:
+    # With keep_best, the best epoch may be one before the crash: the file must remember it.
+    recipe = RECIPE.model_copy(update={"lr": 1.0}) if keep_best else RECIPE  # best: epoch 1
+    options = {"val_data": blobs(seed=1), "keep_best": True} if keep_best else {}
     full = mlp()
-    train(full, blobs(), RECIPE, quiet=True)
+    expected = train(full, blobs(), recipe, quiet=True, **options)
     path = tmp_path / "ckpt.pt"
     with pytest.raises(KeyboardInterrupt):
-        train(mlp(), blobs(), RECIPE, checkpoint=path, callbacks=[Interrupt(3)], quiet=True)
+        train(mlp(), blobs(), recipe, checkpoint=path, callbacks=[Interrupt(3)], quiet=True,
+              **options)
     resumed = mlp(seed=5)  # other initial weights: everything must come from the file
-    result = train(resumed, blobs(), RECIPE, checkpoint=path, quiet=True)
+    result = train(resumed, blobs(), recipe, checkpoint=path, quiet=True, **options)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.best_epoch == expected.best_epoch
     for p, q in zip(full.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
 

@@ -125,6 +125,9 @@ def train(
         state.epoch = int(payload["extra"]["epoch"])
         state.step = state.epoch * steps_per_epoch
         result.history = list(payload["extra"]["history"])
+        if payload["extra"].get("best") is not None:
+            best_top1, best_state, result.best_epoch = payload["extra"]["best"]
+            best = (float(best_top1), best_state)
 
     started = time.perf_counter()
     for callback in callbacks:
@@ -180,7 +183,8 @@ def train(
             for callback in callbacks:
                 callback.on_epoch_end(state, metrics)
             if checkpoint is not None:
-                extra = {"optimizer": optimizer.state_dict(), "epoch": state.epoch}
+                extra = {"optimizer": optimizer.state_dict(), "epoch": state.epoch,
+                         "best": (*best, result.best_epoch) if best is not None else None}
                 save_checkpoint(checkpoint, model, extra=extra | {"history": result.history})
     if best is not None:
         load_state_dict(model, best[1])
