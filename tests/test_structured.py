@@ -99,6 +99,13 @@ def test_l1_filter_presets_reproduce_li_et_al(name, preset, flops, params) -> No
     assert 100 * (1 - after.params / before.params) == pytest.approx(params, abs=0.5)
 
 
+@pytest.mark.parametrize("options", [{"preset": "resnet56-a"}, {"exclude": ["layer9.*"]},
+                                     {"layer_sparsity": {"layer1.0.conv9": 0.5}}])
+def test_patterns_that_name_no_layer_are_refused(options) -> None:
+    with pytest.raises(InvalidValueError, match="matches no layer of this model"):
+        prunelab.prune(build("resnet20"), "l1-filter", sparsity=0.3, **options)
+
+
 def test_l1_filter_removes_the_smallest_filters() -> None:
     conv, fc = nn.Conv2d(2, 4, 1, bias=False), nn.Linear(4, 3)
     with torch.no_grad():

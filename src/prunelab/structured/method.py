@@ -23,6 +23,7 @@ from prunelab.methods.base import ALL_LAYERS, SCOPES, LayerSelection, Method
 from prunelab.metrics import count_parameters, flops_per_module
 from prunelab.sparsity import check_sparsity
 from prunelab.structured.graph import (
+    ROOT_TYPES,
     ChannelGroup,
     Graph,
     apply_plan,
@@ -118,9 +119,11 @@ class StructuredMethod(Method):
 
     def _ignored(self, model: nn.Module, example: torch.Tensor, selection: LayerSelection
                  ) -> list[nn.Module]:
+        """Layers whose output channels stay: excluded ones, the first if asked, and the
+        output layers (the classes; so ``exclude_last`` holds without being asked)."""
         names = dict(model.named_modules())
-        layers = [n for n, m in names.items() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d,
-                                                                 nn.Linear))]
+        layers = [n for n, m in names.items() if isinstance(m, ROOT_TYPES)]
+        _check_patterns(layers, selection)
         ignored = [names[n] for n in layers if any(fnmatch.fnmatchcase(n, p)
                                                    for p in selection.exclude)]
         if selection.exclude_first and layers:
@@ -133,6 +136,19 @@ class StructuredMethod(Method):
             groups = [g for g in groups
                       if any(fnmatch.fnmatchcase(g.root, p) for p in selection.include)]
         return [g for g in groups if g.size > MIN_CHANNELS and self.accepts(g)]
+
+
+def _check_patterns(layers: list[str], selection: LayerSelection) -> None:
+    """Every include/exclude/per-layer pattern must name a layer: a typo, or a preset made for
+    another model, would otherwise prune something else than asked."""
+    for option, patterns in (("include", selection.include or ()), ("exclude", selection.exclude),
+                             ("layer_sparsity", selection.layer_sparsity)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+                shown = ", ".join(layers[:12]) + (", ..." if len(layers) > 12 else "")
+                raise InvalidValueError(
+                    f"{option} pattern {pattern!r} matches no layer of this model (a typo, or a "
+                    f"preset for another model?); its layers: {shown}")
 
 
 def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, scope: str,
