@@ -20,7 +20,7 @@ import torch
 
 from prunelab.bench.spec import RunSpec, SweepSpec
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
-from prunelab.experiment import DenseModel, Experiment, MethodChoice, training_variant
+from prunelab.experiment import DenseModel, Experiment, MethodChoice
 from prunelab.provenance import config_hash, environment
 
 _experiments: dict[str, Experiment] = {}  # per worker process: data stays loaded between runs
@@ -131,8 +131,7 @@ def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:
 
 def _run(out: Path, spec: SweepSpec, run: RunSpec, key: str) -> dict[str, Any]:
     started = time.perf_counter()
-    variant = run.choice if training_variant(run.choice) else None
-    dense, _ = load_or_train_dense(out, spec, run.seed, key, variant)
+    dense, _ = load_or_train_dense(out, spec, run.seed, key, spec.variant_of(run))
     experiment = _experiment(spec, key)
     _report(key, "pruning")
     model, sparsity = experiment.prune_and_recover(dense, run.choice, run.target_kind,

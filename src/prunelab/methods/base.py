@@ -28,7 +28,6 @@ from prunelab.sparsity import (
     sparsity_for_compression,
 )
 from prunelab.targets import check_target, solve_ratio
-from prunelab.utils import iter_batches
 
 METHODS: Registry[type[Method]] = Registry("method")
 SCOPES = ("global", "layer")
@@ -196,9 +195,7 @@ class UnstructuredMethod(Method):
         from prunelab.structured.graph import as_example
 
         if target == "speedup":
-            if example_input is None and data is not None:
-                example_input = next(iter_batches(data, model, limit=1))[0][:1]
-            example = as_example(model, example_input)
+            example = as_example(model, example_input, data)
 
         def achieved(ratio: float) -> float:
             trial = self.prune(copy.deepcopy(model), ratio, scope=scope, data=data,

@@ -20,6 +20,7 @@ from torch import nn
 
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.sparsity import masked_modules
+from prunelab.utils import iter_batches
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -75,10 +76,14 @@ class ChannelGroup:
         return len(self.producers) > 1
 
 
-def as_example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
-    """The example input to trace: given, or built from the zoo model's ``input_shape``."""
+def as_example(model: nn.Module, example_input: torch.Tensor | None,
+               data: Iterable | None = None) -> torch.Tensor:
+    """The example input to trace: given, else one input of ``data``, else zeros of the zoo
+    model's ``input_shape``."""
     if example_input is not None:
         return example_input
+    if data is not None:
+        return next(iter_batches(data, model, limit=1))[0][:1]
     shape = getattr(model, "input_shape", None)
     if shape is None:
         raise InvalidValueError(

@@ -31,7 +31,6 @@ from prunelab.structured.graph import (
     output_layers,
 )
 from prunelab.targets import check_target, solve_ratio
-from prunelab.utils import iter_batches
 
 Plan = dict[str, list[int]]
 MIN_CHANNELS = 1  # a group never loses its last channel
@@ -89,9 +88,7 @@ class StructuredMethod(Method):
             raise InvalidValueError(
                 f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
             )
-        if example_input is None and data is not None:
-            example_input = next(iter_batches(data, model, limit=1))[0][:1]
-        example = as_example(model, example_input)
+        example = as_example(model, example_input, data)
         ignored = self._ignored(model, example, selection)
         graph = Graph(model, example, ignored)
         groups = self._selected(graph.groups(), selection)
