@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from prunelab.bench import ResultStore
 from prunelab.cli import app, main
 from prunelab.config import validate
 from prunelab.job import RunConfig, run_job
 
 runner = CliRunner()
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def quick_config(tmp_path: Path, **overrides) -> RunConfig:
@@ -107,11 +109,16 @@ def test_cli_config_file_and_flags(tmp_path) -> None:
         (["run", "--dataset", "mnist", "--data-dir", "{tmp}/none"], "looked in"),
         (["run", "--config", "{tmp}/missing.yaml"], "does not exist"),
         (["inspect", "{tmp}/junk.pt"], "not a readable checkpoint"),
+        (["run", "--out", "{tmp}/junk.pt"], "is a file"),
+        (["results", "{tmp}", "--csv", "{tmp}/no/such/x.csv"], "does not exist"),
+        (["sweep", str(EXAMPLES / "digits-smoke.yaml"), "--out", "{tmp}/junk.pt/x"],
+         "Not a directory"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, args, message) -> None:
     monkeypatch.setenv("PRUNELAB_OFFLINE", "1")
     (tmp_path / "junk.pt").write_bytes(b"junk")
+    ResultStore(tmp_path / "results.sqlite").close()
     with pytest.raises(SystemExit) as exit_info:
         main([a.replace("{tmp}", str(tmp_path)) for a in args])
     assert exit_info.value.code == 2
@@ -162,7 +169,7 @@ def test_example_configs_validate() -> None:
     from prunelab.bench import SweepSpec
     from prunelab.config import load_config
 
-    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+    examples = sorted(EXAMPLES.glob("*.yaml"))
     sweeps = [p for p in examples if "grid:" in p.read_text()]
     assert sweeps and len(sweeps) < len(examples)
     for path in examples:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,7 +45,8 @@ def run(
     scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
     schedule: Annotated[str | None, typer.Option(help="one-shot, iterative or gradual")] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds of the iterative schedule")] = None,
-    recovery: Annotated[str | None, typer.Option(help="finetune, rewind or none")] = None,
+    recovery: Annotated[str | None, typer.Option(
+        help="finetune, rewind, scratch-e, scratch-b or none")] = None,
     epochs: Annotated[int | None, typer.Option(help="dense training epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
@@ -270,11 +272,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except PrunelabError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:  # a path that cannot be written or read: say which
+        where = f" {exc.filename!r}" if exc.filename else ""
+        _fail(f"{exc.strerror or exc}:{where}; check the path and its permissions")
+    except sqlite3.OperationalError as exc:  # e.g. a store locked by another process too long
+        _fail(f"the results store could not be used ({exc}); if another sweep or program holds "
+              f"it, wait for it to finish and retry")
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from prunelab.errors import ConfigError
 from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice, RecoveryConfig
 from prunelab.provenance import config_hash, environment
 from prunelab.sparsity import check_sparsity
@@ -72,6 +73,8 @@ def run_job(
     and renamed), so a crash never leaves half a result behind.
     """
     config.check_plan()
+    if write and Path(config.out).exists() and not Path(config.out).is_dir():
+        raise ConfigError(f"out {config.out!r} is a file; give a folder for the results")
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
     snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()

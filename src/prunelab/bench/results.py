@@ -49,6 +49,8 @@ def show_results(folder: Path, filters: Mapping[str, str], *, failed: bool = Fal
         table.add_row(*(_cell(row.get(c)) for c in columns))
     (console or Console()).print(table)
     if csv_path is not None:
+        if not Path(csv_path).parent.is_dir():
+            raise PrunelabError(f"cannot write {str(csv_path)!r}: its folder does not exist")
         tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
