@@ -261,6 +261,22 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
+def test_one_folder_holds_several_sweeps_reported_apart(tmp_path) -> None:
+    from prunelab.bench.report import markdown_summary, write_report
+
+    run_sweep(validate(SweepSpec, tiny_spec() | {"name": "a"}), tmp_path, quiet=True)
+    run_sweep(validate(SweepSpec, tiny_spec(methods=["random"]) | {"name": "b"}), tmp_path,
+              quiet=True)
+    with pytest.raises(PrunelabError, match=r"several sweeps \(a, b\)"):
+        write_report(tmp_path)
+    assert "magnitude/global" in markdown_summary(tmp_path, "a")
+    assert "magnitude" not in markdown_summary(tmp_path, "b")
+    assert write_report(tmp_path, "b").parent.name == "report-b"
+    other = tiny_spec() | {"name": "a", "data_limit": 300}  # the same name, other data
+    with pytest.raises(ConfigError, match="another experiment"):
+        run_sweep(validate(SweepSpec, other), tmp_path, quiet=True)
+
+
 def test_report_renders_in_headless_chromium(tmp_path) -> None:
     from prunelab.bench.report import write_report
 

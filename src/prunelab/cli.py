@@ -257,13 +257,15 @@ def results(
 def report(
     folder: Annotated[Path, typer.Argument(help="a sweep's results folder")],
     markdown: Annotated[bool, typer.Option(help="also print the tables as Markdown")] = False,
+    sweep: Annotated[str | None, typer.Option(
+        help="the sweep to report, when FOLDER holds several")] = None,
 ) -> None:
     """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report."""
     from prunelab.bench.report import markdown_summary, write_report
 
-    path = write_report(folder)
+    path = write_report(folder, sweep)
     if markdown:
-        sys.stdout.write(markdown_summary(folder))
+        sys.stdout.write(markdown_summary(folder, sweep))
     console.print(f"report: {path}")
 
 

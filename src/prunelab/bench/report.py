@@ -36,17 +36,36 @@ window.addEventListener('load', () => {
 """
 
 
-def write_report(folder: str | os.PathLike) -> Path:
-    """Write ``folder/report/index.html`` (+ figures) from ``folder/results.sqlite``."""
+def load_sweep(folder: str | os.PathLike, sweep: str | None = None
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Finished and failed rows of one sweep in ``folder`` (the only one, or ``sweep``)."""
     folder = Path(folder)
     if not (folder / STORE).is_file():
         raise PrunelabError(f"no results store at {str(folder / STORE)!r}; run a sweep first")
     with ResultStore(folder / STORE) as store:
         rows = store.rows()
         failed = store.rows(status="failed")
+    names = sorted({r["sweep"] for r in rows + failed})
+    if sweep is None and len(names) > 1:
+        raise PrunelabError(f"{str(folder)!r} holds several sweeps ({', '.join(names)}); "
+                            f"choose one with --sweep")
+    if sweep is not None:
+        if sweep not in names:
+            raise PrunelabError(f"no sweep {sweep!r} in {str(folder)!r}; it holds: "
+                                f"{', '.join(names) or 'nothing yet'}")
+        rows = [r for r in rows if r["sweep"] == sweep]
+        failed = [r for r in failed if r["sweep"] == sweep]
     if not rows:
         raise PrunelabError(f"{str(folder)!r} has no finished runs to report yet")
-    out = folder / "report"
+    return rows, failed
+
+
+def write_report(folder: str | os.PathLike, sweep: str | None = None) -> Path:
+    """Write ``folder/report/index.html`` (+ figures) from ``folder/results.sqlite``
+    (``folder/report-<sweep>`` when a sweep is named)."""
+    folder = Path(folder)
+    rows, failed = load_sweep(folder, sweep)
+    out = folder / ("report" if sweep is None else f"report-{sweep}")
     out.mkdir(exist_ok=True)
     figures = _figures(rows, out)
     page = _page(folder, rows, failed, figures)
@@ -207,11 +226,10 @@ Accuracy is on the test set; epochs were chosen on a validation split.</p>
 """
 
 
-def markdown_summary(folder: str | os.PathLike) -> str:
+def markdown_summary(folder: str | os.PathLike, sweep: str | None = None) -> str:
     """The report's tables as Markdown (for docs): per method × recovery × target, and the
     recovery comparison."""
-    with ResultStore(Path(folder) / STORE) as store:
-        rows = store.rows()
+    rows, _ = load_sweep(folder, sweep)
     dense = summarize(r["test_top1"] for r in rows if r.get("label") == "dense")
     lines = [f"Unpruned: {dense.mean:.2f} ± {dense.std:.2f}% top-1 over {dense.n} seeds "
              f"({rows[0].get('data_source') or rows[0]['dataset']}).", "",

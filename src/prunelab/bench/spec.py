@@ -112,7 +112,8 @@ class RunSpec(BaseModel):
 class SweepSpec(ExperimentConfig):
     """A benchmark: the experiment (model, data, recipes, schedule) and the grid to sweep."""
 
-    name: str = "sweep"
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.-]+$",
+                      description="names the sweep in its folder: letters, digits, _ . -")
     grid: Grid
     threads: int | None = Field(None, ge=1, description="torch threads per run (default: split)")
 

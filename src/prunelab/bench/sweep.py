@@ -20,7 +20,7 @@ from prunelab.bench.executors import (
 )
 from prunelab.bench.spec import SweepSpec
 from prunelab.bench.store import ResultStore
-from prunelab.errors import InvalidValueError
+from prunelab.errors import ConfigError, InvalidValueError
 from prunelab.utils import progress_enabled
 
 STORE = "results.sqlite"
@@ -116,8 +116,19 @@ def run_sweep(
 
 
 def _write_spec(spec: SweepSpec, out: Path) -> None:
-    """Keep the spec next to its results (atomically, so it is never half-written)."""
-    path = out / "spec.yaml"
+    """Keep the spec next to its results as ``spec-<name>.yaml`` (atomically written).
+
+    One folder may hold several sweeps, told apart by name in the store and the report; a
+    sweep whose name is taken by a different experiment there is refused.
+    """
+    path = out / f"spec-{spec.name}.yaml"
+    if path.is_file():
+        old = SweepSpec.model_validate(yaml.safe_load(path.read_text()))
+        if old.experiment_fields() != spec.experiment_fields():
+            raise ConfigError(
+                f"{str(out)!r} already holds a sweep named {spec.name!r} with another "
+                f"experiment (model, data or recipes differ); give this one another name "
+                f"or another --out folder")
     tmp = path.with_name(f".spec.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     os.replace(tmp, path)
