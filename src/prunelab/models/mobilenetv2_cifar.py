@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prunelab.models import check_image_shape, check_positive, register_model
+from prunelab.models.init import init_weights
 
 # (expansion t, output channels c, repeats n, stride s of the first repeat), CIFAR strides.
 CIFAR_TABLE = (
@@ -91,15 +92,7 @@ class CifarMobileNetV2(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(last, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.pool(self.features(x))))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunelab.models import check_image_shape, check_positive, register_model
+from prunelab.models.init import init_weights
 
 STAGE_CHANNELS = (16, 32, 64)
 MIN_SIZE = 4  # two stride-2 stages still leave a 1x1 map
@@ -76,12 +77,7 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.fc = nn.Linear(channels[-1], num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_weights(self, linear_std=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

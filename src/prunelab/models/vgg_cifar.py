@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from prunelab.models import check_image_shape, register_model
+from prunelab.models.init import init_weights
 
 # Output channels of each 3x3 conv, one tuple per stage; a max-pool separates the stages.
 CONFIGS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -47,15 +48,7 @@ class CifarVGG(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.classifier = nn.Linear(in_channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, 0.01)
-                nn.init.zeros_(module.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.pool(self.features(x))))
