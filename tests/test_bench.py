@@ -122,14 +122,15 @@ def test_same_spec_same_numbers(tmp_path) -> None:
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path) -> None:
-    spec = validate(SweepSpec, tiny_spec(methods=["magnitude",
-                                                  {"method": "random", "options": {"bogus": 1}}]))
+    # Passes every check before training; fails in the run: a VGG-16 preset on the digits MLP.
+    wrong_preset = {"method": "l1-filter", "options": {"preset": "vgg16-a"}}
+    spec = validate(SweepSpec, tiny_spec(methods=["magnitude", wrong_preset]))
     summary = run_sweep(spec, tmp_path, quiet=True)
     assert (summary.ok, summary.failed) == (1, 1)
     with ResultStore(tmp_path / "results.sqlite") as store:
         failed = store.rows(status="failed")
-    assert len(failed) == 1 and "no option 'bogus'" in failed[0]["error"]
-    assert failed[0]["label"] == "random/global"
+    assert len(failed) == 1 and "matches no layer" in failed[0]["error"]
+    assert failed[0]["label"] == "l1-filter/global"
     retry = run_sweep(spec, tmp_path, quiet=True)  # failed runs are retried, finished ones not
     assert (retry.skipped, retry.failed) == (1, 1)
 
