@@ -78,20 +78,23 @@ def write_report(folder: str | os.PathLike, sweep: str | None = None) -> Path:
 Point = tuple[float, float, float]
 
 
-def _series(rows: Sequence[Mapping[str, Any]], x: str) -> dict[str, list[Point]]:
-    """Per method/recovery: (mean x, mean top-1, std top-1) per target, sorted by x."""
-    series: dict[str, list[Point]] = {}
+def _series(rows: Sequence[Mapping[str, Any]], x: str) -> dict[tuple[str, str], list[Point]]:
+    """Per (method, recovery): (mean x, mean top-1, std top-1) per target, sorted by x."""
+    series: dict[tuple[str, str], list[Point]] = {}
     runs = [r for r in rows if r["method"] != "dense"]
-    recoveries = {r["recovery"] for r in runs}
     for (label, recovery, _, _), members in group_rows(runs).items():
-        name = label if len(recoveries) == 1 else f"{label} + {recovery}"
         top1 = summarize(r["test_top1"] for r in members)
         xs = summarize(r[x] for r in members)
-        series.setdefault(name, []).append((xs.mean, top1.mean, top1.std))
+        series.setdefault((str(label), str(recovery)), []).append((xs.mean, top1.mean, top1.std))
     return {k: sorted(v) for k, v in sorted(series.items())}
 
 
+MARKERS, LINES = "osD^vPX*", ("-", "--", ":", "-.")
+
+
 def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
+    """Top-1 against compression and against theoretical speed-up: a colour per method, a
+    marker and line style per recovery mode, the unpruned mean ± std as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,21 +105,30 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
     made = []
     for x, label in (("compression", "compression (params / non-zeros)"),
                      ("theoretical_speedup", "theoretical speed-up (dense / effective FLOPs)")):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, points in _series(rows, x).items():
+        series = _series(rows, x)
+        methods = sorted({m for m, _ in series})
+        recoveries = sorted({r for _, r in series})
+        colours = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for (method, recovery), points in series.items():
             xs, ys, errs = zip(*points, strict=True)
-            ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=name)
+            k = recoveries.index(recovery)
+            ax.errorbar(xs, ys, yerr=errs, capsize=3, color=colours(methods.index(method)),
+                        marker=MARKERS[k % len(MARKERS)], linestyle=LINES[k % len(LINES)],
+                        label=method if len(recoveries) == 1 else f"{method} + {recovery}")
         if dense.n:
             ax.axhline(dense.mean, color="black", linestyle="--", linewidth=1,
                        label=f"unpruned ({dense.mean:.2f}%)")
             ax.axhspan(dense.mean - dense.std, dense.mean + dense.std, color="grey", alpha=0.2)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(_log_label))
-        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_log_label))
+        xs = [point[0] for points in series.values() for point in points]
+        if max(xs) > 3 * min(xs):  # a log axis; a narrow range reads better on a linear one
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(_log_label))
+            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_log_label))
         ax.set_xlabel(label)
         ax.set_ylabel("test top-1 accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         made.append((f"top1_vs_{x}", _save(fig, out, f"top1_vs_{x}")))
         plt.close(fig)
