@@ -86,6 +86,8 @@ def test_two_different_methods_need_different_labels() -> None:
     twins = [{"method": "random", "options": {"seed": 1}}, {"method": "random"}]
     with pytest.raises(ConfigError, match="distinct label"):
         validate(SweepSpec, tiny_spec(methods=twins))
+    with pytest.raises(ConfigError, match="listed twice"):
+        validate(SweepSpec, tiny_spec(methods=["random", "random"]))
     twins[0]["label"] = "random (seed 1)"
     assert len(validate(SweepSpec, tiny_spec(methods=twins)).runs()) == 2
 
@@ -133,6 +135,15 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path) -> None:
     assert failed[0]["label"] == "l1-filter/global"
     retry = run_sweep(spec, tmp_path, quiet=True)  # failed runs are retried, finished ones not
     assert (retry.skipped, retry.failed) == (1, 1)
+
+
+def test_report_of_a_sweep_whose_runs_all_failed(tmp_path) -> None:
+    from prunelab.bench.report import write_report
+
+    wrong_preset = {"method": "l1-filter", "options": {"preset": "vgg16-a"}}
+    run_sweep(validate(SweepSpec, tiny_spec(methods=[wrong_preset])), tmp_path, quiet=True)
+    page = write_report(tmp_path).read_text()  # the dense baseline and the failure, no curves
+    assert "1 failed" in page and "matches no layer" in page
 
 
 def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
@@ -204,7 +215,7 @@ def test_store_replaces_failed_rows_whole_and_keeps_ok_rows(tmp_path) -> None:
     assert (row["status"], row["error"], row["seed"], row["test_top1"]) == ("ok", None, None, 90.0)
 
 
-def test_local_executor_starts_afresh_after_a_worker_died(tmp_path) -> None:
+def test_local_executor_survives_a_worker_that_died(tmp_path) -> None:
     from prunelab.bench.executors import LocalExecutor
     from prunelab.bench.sweep import plan
 
@@ -212,13 +223,22 @@ def test_local_executor_starts_afresh_after_a_worker_died(tmp_path) -> None:
     with ResultStore(tmp_path / "r.sqlite") as store:
         dense, _, _ = plan(spec, store, tmp_path, 1)
     pool = LocalExecutor(1)
+    killed: list[int] = []
+
+    def kill_the_worker_once() -> None:  # while the task runs, as when killed for memory
+        for process in [] if killed else list(pool._pool._processes.values()):
+            process.kill()
+            killed.append(process.pid)
+
     try:
         with pytest.raises(BrokenProcessPool):
-            pool._pool.submit(os._exit, 1).result()  # the worker dies, as when killed for memory
+            pool._pool.submit(os._exit, 1).result()  # a worker dies between two batches
         ((_, row),) = list(pool.run(dense, lambda: None))
+        assert row["status"] == "ok", row.get("error")
+        ((_, row),) = list(pool.run(dense, kill_the_worker_once))  # ... and during one
+        assert killed and row["status"] == "ok", row.get("error")
     finally:
         pool.close()
-    assert row["status"] == "ok", row.get("error")
 
 
 def test_two_sweeps_on_one_folder_do_not_corrupt_the_store(tmp_path) -> None:
@@ -261,7 +281,6 @@ def test_results_cli_filters_and_exports(tmp_path) -> None:
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
 def test_one_folder_holds_several_sweeps_reported_apart(tmp_path) -> None:
     from prunelab.bench.report import markdown_summary, write_report
 
@@ -271,13 +290,17 @@ def test_one_folder_holds_several_sweeps_reported_apart(tmp_path) -> None:
     with pytest.raises(PrunelabError, match=r"several sweeps \(a, b\)"):
         write_report(tmp_path)
     assert "magnitude/global" in markdown_summary(tmp_path, "a")
-    assert "magnitude" not in markdown_summary(tmp_path, "b")
+    only_b = markdown_summary(tmp_path, "b")  # b shares a's dense model: it is b's too
+    assert "magnitude" not in only_b and "over 1 seeds" in only_b
     assert write_report(tmp_path, "b").parent.name == "report-b"
+    run_sweep(validate(SweepSpec, tiny_spec() | {"name": "c"}), tmp_path, quiet=True)  # = a
+    assert markdown_summary(tmp_path, "c") == markdown_summary(tmp_path, "a")
     other = tiny_spec() | {"name": "a", "data_limit": 300}  # the same name, other data
     with pytest.raises(ConfigError, match="another experiment"):
         run_sweep(validate(SweepSpec, other), tmp_path, quiet=True)
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make test installs it)")
 def test_report_renders_in_headless_chromium(tmp_path) -> None:
     from prunelab.bench.report import write_report
 
@@ -308,8 +331,9 @@ def ray_cluster(monkeypatch):
     """A one-machine Ray cluster started as users start one: ``ray start --head``.
 
     It gets a port the OS reports free and its own authentication token, shared with this
-    process through Ray's environment variables, so neither a cluster left on the machine by
-    someone else nor a token in ``~/.ray`` can be mistaken for it.
+    process through Ray's environment variables, so this test cannot connect to another cluster
+    or pick up a token from ``~/.ray``. (``ray stop --force`` at the end stops every Ray
+    cluster of the machine: a test machine's.)
     """
     import secrets
     import socket
@@ -326,10 +350,16 @@ def ray_cluster(monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     pytest.importorskip("ray")
-    # Ray reads its authentication settings once per process; make it read them again.
-    from ray._raylet import AuthenticationTokenLoader, Config
-    Config.initialize("")
-    AuthenticationTokenLoader.instance().reset_cache()
+    try:  # Ray reads its authentication settings once per process; make it read them again
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication
+        def reread_auth_settings() -> None:
+            pass
+    else:
+        def reread_auth_settings() -> None:
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+    reread_auth_settings()
     env = os.environ | auth | {"RAY_USAGE_STATS_ENABLED": "0"}
     started = subprocess.run(
         [str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
@@ -342,6 +372,8 @@ def ray_cluster(monkeypatch):
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env,
                        timeout=120)
+        monkeypatch.undo()  # this process leaves token mode before the token file goes
+        reread_auth_settings()
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -110,6 +110,7 @@ def test_cli_config_file_and_flags(tmp_path) -> None:
         (["run", "--config", "{tmp}/missing.yaml"], "does not exist"),
         (["inspect", "{tmp}/junk.pt"], "not a readable checkpoint"),
         (["run", "--out", "{tmp}/junk.pt"], "is a file"),
+        (["run", "--out", "{tmp}/junk.pt/runs"], "cannot create the results folder"),
         (["results", "{tmp}", "--csv", "{tmp}/no/such/x.csv"], "does not exist"),
         (["sweep", str(EXAMPLES / "digits-smoke.yaml"), "--out", "{tmp}/junk.pt/x"],
          "Not a directory"),

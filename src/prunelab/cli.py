@@ -260,7 +260,8 @@ def report(
     sweep: Annotated[str | None, typer.Option(
         help="the sweep to report, when FOLDER holds several")] = None,
 ) -> None:
-    """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report."""
+    """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report
+    (FOLDER/report-NAME with --sweep NAME)."""
     from prunelab.bench.report import markdown_summary, write_report
 
     path = write_report(folder, sweep)
@@ -275,12 +276,12 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, standalone_mode=True)
     except PrunelabError as exc:
         _fail(str(exc))
-    except OSError as exc:  # a path that cannot be written or read: say which
-        where = f" {exc.filename!r}" if exc.filename else ""
-        _fail(f"{exc.strerror or exc}:{where}; check the path and its permissions")
-    except sqlite3.OperationalError as exc:  # e.g. a store locked by another process too long
-        _fail(f"the results store could not be used ({exc}); if another sweep or program holds "
-              f"it, wait for it to finish and retry")
+    except OSError as exc:  # a path that cannot be written or read, a full disk: say which
+        _fail(f"{exc.strerror or exc}: {exc.filename!r}" if exc.filename else str(exc))
+    except sqlite3.OperationalError as exc:
+        hint = (": another program holds it; retry when it is done" if "locked" in str(exc)
+                else "")
+        _fail(f"the results store could not be used ({exc}){hint}")
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

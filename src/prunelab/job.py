@@ -73,8 +73,8 @@ def run_job(
     and renamed), so a crash never leaves half a result behind.
     """
     config.check_plan()
-    if write and Path(config.out).exists() and not Path(config.out).is_dir():
-        raise ConfigError(f"out {config.out!r} is a file; give a folder for the results")
+    if write:
+        _check_out(Path(config.out))
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
     snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()
@@ -97,6 +97,19 @@ def run_job(
     env["wall_seconds"] = time.perf_counter() - started
     folder = _write_results(config, rows, env) if write else None
     return RunResult(rows=rows, folder=folder, environment=env)
+
+
+def _check_out(out: Path) -> None:
+    """Fail before training if the results folder cannot be made or written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out {str(out)!r} is a file; give a folder for the results")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the results folder {str(out)!r}: {exc.strerror}"
+                          ) from None
+    if not os.access(out, os.W_OK):
+        raise ConfigError(f"the results folder {str(out)!r} is not writable")
 
 
 def _write_results(config: RunConfig, rows: list[dict], env: dict) -> Path:

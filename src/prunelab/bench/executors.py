@@ -74,17 +74,28 @@ class LocalExecutor:
             return self._pool.submit(worker.execute, task)
 
     def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
-        futures = {self._submit(task): task for task in tasks}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            poll()
-            for future in finished:
-                task = futures[future]
-                try:
-                    yield task, future.result()
-                except BrokenProcessPool as exc:  # a worker died (out of memory, killed)
-                    yield task, {"status": "failed", "error": f"worker process died: {exc}"}
+        """Results as tasks finish. When a worker dies (killed, out of memory), the pool breaks
+        and fails every task in it; those are run once more on a fresh pool, and fail only if
+        that breaks too."""
+        for attempt in (1, 2):
+            futures = {self._submit(task): task for task in tasks}
+            pending, broken = set(futures), []
+            while pending:
+                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                poll()
+                for future in finished:
+                    task = futures[future]
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as exc:
+                        if attempt == 1:
+                            broken.append(task)
+                            continue
+                        result = {"status": "failed", "error": f"worker process died: {exc}"}
+                    yield task, result
+            if not broken:
+                return
+            tasks = broken
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -112,7 +123,7 @@ class RayExecutor:
             options["num_cpus"] = jobs * threads
         try:
             ray.init(**options)
-        except (ConnectionError, RuntimeError) as exc:
+        except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
             raise PrunelabError(
                 f"cannot reach the Ray cluster at {address!r}: {exc}. Check the address, and if "
                 "the cluster uses token authentication give this machine its token "

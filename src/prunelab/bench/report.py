@@ -20,7 +20,7 @@ from typing import Any
 
 from prunelab.bench.stats import group_rows, summarize, table
 from prunelab.bench.store import ResultStore
-from prunelab.bench.sweep import STORE
+from prunelab.bench.sweep import STORE, saved_specs, spec_keys
 from prunelab.errors import PrunelabError
 
 # A check run by the browser: records script errors and whether every figure decoded.
@@ -38,23 +38,29 @@ window.addEventListener('load', () => {
 
 def load_sweep(folder: str | os.PathLike, sweep: str | None = None
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Finished and failed rows of one sweep in ``folder`` (the only one, or ``sweep``)."""
+    """Finished and failed rows of one sweep in ``folder`` (the only one, or ``sweep``).
+
+    A sweep's rows are those its saved spec (``spec-<name>.yaml``) asks for, so runs shared by
+    two sweeps on one folder (the same dense models, say) belong to both.
+    """
     folder = Path(folder)
     if not (folder / STORE).is_file():
         raise PrunelabError(f"no results store at {str(folder / STORE)!r}; run a sweep first")
     with ResultStore(folder / STORE) as store:
         rows = store.rows()
         failed = store.rows(status="failed")
-    names = sorted({r["sweep"] for r in rows + failed})
-    if sweep is None and len(names) > 1:
-        raise PrunelabError(f"{str(folder)!r} holds several sweeps ({', '.join(names)}); "
+    specs = saved_specs(folder)
+    if sweep is None and len(specs) > 1:
+        raise PrunelabError(f"{str(folder)!r} holds several sweeps ({', '.join(specs)}); "
                             f"choose one with --sweep")
-    if sweep is not None:
-        if sweep not in names:
-            raise PrunelabError(f"no sweep {sweep!r} in {str(folder)!r}; it holds: "
-                                f"{', '.join(names) or 'nothing yet'}")
-        rows = [r for r in rows if r["sweep"] == sweep]
-        failed = [r for r in failed if r["sweep"] == sweep]
+    if sweep is not None and sweep not in specs:
+        raise PrunelabError(f"no sweep {sweep!r} in {str(folder)!r}; it holds: "
+                            f"{', '.join(specs) or 'no saved sweep spec'}")
+    spec = specs[sweep] if sweep is not None else next(iter(specs.values()), None)
+    if spec is not None:
+        keys = spec_keys(spec)
+        rows = [r for r in rows if r["run_key"] in keys]
+        failed = [r for r in failed if r["run_key"] in keys]
     if not rows:
         raise PrunelabError(f"{str(folder)!r} has no finished runs to report yet")
     return rows, failed
@@ -121,7 +127,7 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
                        label=f"unpruned ({dense.mean:.2f}%)")
             ax.axhspan(dense.mean - dense.std, dense.mean + dense.std, color="grey", alpha=0.2)
         xs = [point[0] for points in series.values() for point in points]
-        if max(xs) > 3 * min(xs):  # a log axis; a narrow range reads better on a linear one
+        if xs and max(xs) > 3 * min(xs):  # a log axis; a narrow range reads better on a linear one
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ticker.FuncFormatter(_log_label))
             ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_log_label))

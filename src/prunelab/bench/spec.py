@@ -93,9 +93,12 @@ class Grid(BaseModel):
         seen: dict[str, MethodChoice] = {}
         for choice in value:
             other = seen.setdefault(choice.name, choice)
-            if other is not choice and other != choice:
-                raise ValueError(f"two methods are labelled {choice.name!r} but differ (e.g. in "
-                                 f"options); give each a distinct label")
+            if other is choice:
+                continue
+            if other == choice:
+                raise ValueError(f"method {choice.name!r} is listed twice")
+            raise ValueError(f"two methods are labelled {choice.name!r} but differ (e.g. in "
+                             f"options); give each a distinct label")
         return value
 
 

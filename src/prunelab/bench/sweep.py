@@ -20,6 +20,7 @@ from prunelab.bench.executors import (
 )
 from prunelab.bench.spec import SweepSpec
 from prunelab.bench.store import ResultStore
+from prunelab.config import load_config
 from prunelab.errors import ConfigError, InvalidValueError
 from prunelab.utils import progress_enabled
 
@@ -121,17 +122,30 @@ def _write_spec(spec: SweepSpec, out: Path) -> None:
     One folder may hold several sweeps, told apart by name in the store and the report; a
     sweep whose name is taken by a different experiment there is refused.
     """
+    old = saved_specs(out).get(spec.name)
+    if old is not None and old.experiment_fields() != spec.experiment_fields():
+        raise ConfigError(
+            f"{str(out)!r} already holds a sweep named {spec.name!r} with another "
+            f"experiment (model, data or recipes differ); give this one another name "
+            f"or another --out folder")
     path = out / f"spec-{spec.name}.yaml"
-    if path.is_file():
-        old = SweepSpec.model_validate(yaml.safe_load(path.read_text()))
-        if old.experiment_fields() != spec.experiment_fields():
-            raise ConfigError(
-                f"{str(out)!r} already holds a sweep named {spec.name!r} with another "
-                f"experiment (model, data or recipes differ); give this one another name "
-                f"or another --out folder")
     tmp = path.with_name(f".spec.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     os.replace(tmp, path)
+
+
+def saved_specs(folder: Path) -> dict[str, SweepSpec]:
+    """The specs of the sweeps run into ``folder``, by name."""
+    specs = (load_config(SweepSpec, path) for path in sorted(folder.glob("spec-*.yaml")))
+    return {spec.name: spec for spec in specs}
+
+
+def spec_keys(spec: SweepSpec) -> set[str]:
+    """The store keys of a spec's rows: its runs and its dense models."""
+    keys = {spec.run_key(run) for run in spec.runs()}
+    keys |= {spec.dense_run_key(seed, variant) for seed in spec.grid.seeds
+             for variant in spec.dense_variants()}
+    return keys
 
 
 class _Display:

@@ -125,7 +125,7 @@ def train(
         state.epoch = int(payload["extra"]["epoch"])
         state.step = state.epoch * steps_per_epoch
         result.history = list(payload["extra"]["history"])
-        if payload["extra"].get("best") is not None:
+        if keep_best and payload["extra"].get("best") is not None:
             best_top1, best_state, result.best_epoch = payload["extra"]["best"]
             best = (float(best_top1), best_state)
 
