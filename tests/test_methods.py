@@ -120,3 +120,14 @@ def test_compression_target_accounts_for_layer_overrides() -> None:
     total, nonzero = prunelab.metrics.count_parameters(model)
     assert total / nonzero == pytest.approx(2.0, rel=0.01)
     assert float((model[4].weight == 0).float().mean()) == pytest.approx(0.2, abs=0.01)
+
+
+def test_activation_norms_are_comparable_across_layers() -> None:
+    # Conv input: ones at 16 positions (2-norm 4, RMS 1); linear input: the pooled ones (1, 1).
+    conv, fc = nn.Conv2d(1, 2, 1, bias=False), nn.Linear(2, 2, bias=False)
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), fc)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        fc.weight.fill_(2.0)
+    prunelab.prune(model, "activation", 1 / 3, data=[torch.ones(1, 1, 4, 4)])
+    assert conv.weight.abs().sum() == 0 and fc.weight.count_nonzero() == 4  # 1·1 < 2·1
