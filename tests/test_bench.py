@@ -235,8 +235,12 @@ def test_local_executor_survives_a_worker_that_died(tmp_path) -> None:
             pool._pool.submit(os._exit, 1).result()  # a worker dies between two batches
         ((_, row),) = list(pool.run(dense, lambda: None))
         assert row["status"] == "ok", row.get("error")
-        ((_, row),) = list(pool.run(dense, kill_the_worker_once))  # ... and during one
+        first_pool = pool._pool
+        longer = tiny_spec() | {"train": {"epochs": 40, "batch_size": 64, "lr": 0.05}}
+        again = [task | {"out": str(tmp_path / "again"), "spec": longer} for task in dense]
+        ((_, row),) = list(pool.run(again, kill_the_worker_once))  # ... and during one
         assert killed and row["status"] == "ok", row.get("error")
+        assert pool._pool is not first_pool  # the task was retried on a fresh pool
     finally:
         pool.close()
 
