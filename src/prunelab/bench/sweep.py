@@ -122,13 +122,13 @@ def _write_spec(spec: SweepSpec, out: Path) -> None:
     One folder may hold several sweeps, told apart by name in the store and the report; a
     sweep whose name is taken by a different experiment there is refused.
     """
-    old = saved_specs(out).get(spec.name)
-    if old is not None and old.experiment_fields() != spec.experiment_fields():
+    path = out / f"spec-{spec.name}.yaml"
+    if path.is_file() and (load_config(SweepSpec, path).experiment_fields()
+                           != spec.experiment_fields()):
         raise ConfigError(
             f"{str(out)!r} already holds a sweep named {spec.name!r} with another "
             f"experiment (model, data or recipes differ); give this one another name "
             f"or another --out folder")
-    path = out / f"spec-{spec.name}.yaml"
     tmp = path.with_name(f".spec.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     os.replace(tmp, path)
