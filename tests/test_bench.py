@@ -390,3 +390,30 @@ def test_ray_executor_gives_the_local_results(tmp_path, ray_cluster) -> None:
     assert (local.ok, remote.ok, remote.failed) == (4, 4, 0)
     numbers = lambda out: sorted((r["run_key"], r["test_top1"]) for r in ok_rows(out))  # noqa
     assert numbers(tmp_path / "local") == numbers(tmp_path / "ray")
+
+
+def test_ray_executor_replaces_a_worker_that_died(tmp_path, ray_cluster) -> None:
+    import signal
+
+    from prunelab.bench.executors import RayExecutor
+    from prunelab.bench.sweep import plan
+
+    longer = tiny_spec() | {"train": {"epochs": 40, "batch_size": 64, "lr": 0.05}}
+    with ResultStore(tmp_path / "r.sqlite") as store:
+        dense, _, _ = plan(validate(SweepSpec, longer), store, tmp_path, 1)
+    pool = RayExecutor(1, 1, ray_cluster)
+    (actor,) = pool._idle
+    pid = pool.ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+    killed: list[int] = []
+
+    def kill_the_worker_once() -> None:  # while its task runs, as when killed for memory
+        if not killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    try:
+        ((_, row),) = list(pool.run(dense, kill_the_worker_once))
+        assert killed and row["status"] == "ok", row.get("error")
+        assert pool._idle and pool._idle[0] is not actor  # a fresh actor ran it again
+    finally:
+        pool.close()

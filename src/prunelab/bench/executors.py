@@ -1,7 +1,7 @@
 """Where tasks run: local worker processes, or a Ray cluster.
 
-Both yield ``(task, result)`` as tasks finish and carry phase messages from workers back to the
-sweep's display through a queue.
+Each yields ``(task, result)`` as tasks finish, and ``drain()`` hands the sweep's display the
+phase messages its workers sent since the last call.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -35,8 +36,11 @@ class InlineExecutor:
     """Tasks one after another in this process: no start-up cost, for ``--jobs 1``."""
 
     def __init__(self) -> None:
-        self.messages: queue.SimpleQueue = queue.SimpleQueue()
-        worker.set_progress(lambda key, text: self.messages.put((key, text)))
+        self._messages: queue.SimpleQueue = queue.SimpleQueue()
+        worker.set_progress(lambda key, text: self._messages.put((key, text)))
+
+    def drain(self) -> list[tuple[str, str]]:
+        return _drained(self._messages)
 
     def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
         threads = torch.get_num_threads()
@@ -58,12 +62,15 @@ class LocalExecutor:
     def __init__(self, jobs: int):
         self.jobs = jobs
         self._context = multiprocessing.get_context("spawn")
-        self.messages = self._context.Queue()
+        self._messages = self._context.Queue()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.jobs, mp_context=self._context, initializer=_init_local,
-                                   initargs=(self.messages,))
+                                   initargs=(self._messages,))
+
+    def drain(self) -> list[tuple[str, str]]:
+        return _drained(self._messages)
 
     def _submit(self, task: Task) -> Any:
         try:
@@ -99,17 +106,22 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.messages.close()
+        self._messages.close()
 
 
 class RayExecutor:
     """Tasks on a Ray cluster (``address``: ``auto``, ``ray://host:port``, or None to start one
-    on this machine). Each task reserves ``threads`` CPUs."""
+    on this machine), run by ``jobs`` long-lived worker actors of ``threads`` CPUs each.
+
+    Actors rather than plain tasks: like the local pool's processes, each imports torch and
+    loads the data once and keeps them for every task it runs. Ray would otherwise kill idle
+    task workers after a second (between the dense models and the runs, say) and start fresh
+    ones that pay those costs again.
+    """
 
     def __init__(self, jobs: int, threads: int, address: str | None):
         try:
             import ray
-            from ray.util.queue import Queue
         except ImportError:
             raise PrunelabError(
                 "the ray executor needs Ray: pip install 'prunelab[ray]' (or pip install ray)"
@@ -129,40 +141,89 @@ class RayExecutor:
                 "the cluster uses token authentication give this machine its token "
                 "(RAY_AUTH_TOKEN or ~/.ray/auth_token, see `ray get-auth-token`)"
             ) from None
-        self.messages = Queue()
-        self._remote = ray.remote(num_cpus=threads)(_ray_execute)
+        self._inbox = ray.remote(num_cpus=0)(_Inbox).remote()
+        self._drained_at = 0.0
+        self._actor_class = ray.remote(num_cpus=threads)(_RayWorker)
+        self._idle = [self._new_actor() for _ in range(jobs)]
+
+    def _new_actor(self) -> Any:
+        return self._actor_class.remote(self._inbox)
+
+    def drain(self, every: float = 1.0) -> list[tuple[str, str]]:
+        """Messages waiting in the inbox actor; at most one round trip per ``every`` seconds,
+        since each competes with the runs for the cores."""
+        now = time.monotonic()
+        if now - self._drained_at < every:
+            return []
+        self._drained_at = now
+        return self.ray.get(self._inbox.take.remote())
 
     def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
-        refs = {self._remote.remote(task, self.messages): task for task in tasks}
-        pending = list(refs)
-        while pending:
-            finished, pending = self.ray.wait(pending, num_returns=1, timeout=0.2)
+        """Results as tasks finish; each task goes to the next idle actor. When an actor dies
+        (killed, out of memory), a fresh one takes its place and runs its task once more; the
+        task fails only if that actor dies too."""
+        waiting = list(reversed(tasks))
+        running: dict[Any, tuple[Task, Any]] = {}
+        retried: set[str] = set()
+        while waiting or running:
+            while waiting and self._idle:
+                task, actor = waiting.pop(), self._idle.pop()
+                running[actor.execute.remote(task)] = (task, actor)
+            finished, _ = self.ray.wait(list(running), num_returns=1, timeout=0.2)
             poll()
             for ref in finished:
-                task = refs[ref]
+                task, actor = running.pop(ref)
                 try:
-                    yield task, self.ray.get(ref)
+                    result = self.ray.get(ref)
+                except self.ray.exceptions.RayActorError as exc:
+                    actor = self._new_actor()
+                    if task["key"] not in retried:
+                        retried.add(task["key"])
+                        waiting.append(task)
+                        self._idle.append(actor)
+                        continue
+                    result = {"status": "failed", "error": f"ray worker died: {exc}"}
                 except self.ray.exceptions.RayError as exc:
-                    yield task, {"status": "failed", "error": f"ray task failed: {exc}"}
+                    result = {"status": "failed", "error": f"ray task failed: {exc}"}
+                self._idle.append(actor)
+                yield task, result
 
     def close(self) -> None:
-        self.messages.shutdown()
+        for actor in [*self._idle, self._inbox]:
+            self.ray.kill(actor)
         self.ray.shutdown()
 
 
-def _ray_execute(task: Task, messages: Any) -> dict:
-    worker.set_progress(lambda key, text: messages.put_nowait((key, text)))
-    return worker.execute(task)
+class _RayWorker:
+    """One Ray actor: a worker process that runs tasks one at a time, keeping loaded data."""
+
+    def __init__(self, inbox: Any):
+        # fire and forget: a worker never waits for its progress message to be delivered
+        worker.set_progress(lambda key, text: inbox.put.remote(key, text), every=2.0)
+
+    def execute(self, task: Task) -> dict:
+        return worker.execute(task)
 
 
-def drain(messages: Any) -> list[tuple[str, str]]:
-    """Every phase message waiting in the queue (one round trip for Ray's queue)."""
-    if hasattr(messages, "get_nowait_batch"):
-        waiting = messages.qsize()
-        return messages.get_nowait_batch(waiting) if waiting else []
+class _Inbox:
+    """A Ray actor collecting the workers' phase messages until the driver takes them."""
+
+    def __init__(self) -> None:
+        self._messages: list[tuple[str, str]] = []
+
+    def put(self, key: str, text: str) -> None:
+        self._messages.append((key, text))
+
+    def take(self) -> list[tuple[str, str]]:
+        taken, self._messages = self._messages, []
+        return taken
+
+
+def _drained(messages: Any) -> list[tuple[str, str]]:
+    """Every message waiting in a local queue."""
     out = []
     while True:
         try:
             out.append(messages.get_nowait())
-        except (queue.Empty, Exception):  # ray's queue raises its own Empty
+        except queue.Empty:
             return out

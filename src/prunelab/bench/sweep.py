@@ -16,7 +16,6 @@ from prunelab.bench.executors import (
     LocalExecutor,
     RayExecutor,
     default_threads,
-    drain,
 )
 from prunelab.bench.spec import SweepSpec
 from prunelab.bench.store import ResultStore
@@ -103,7 +102,7 @@ def run_sweep(
         try:
             with display:
                 for phase in (dense, tasks):
-                    for task, row in pool.run(phase, lambda: display.phases(drain(pool.messages))):
+                    for task, row in pool.run(phase, lambda: display.phases(pool.drain())):
                         row = {"run_key": task["key"], **row}
                         store.put(row)
                         if task["kind"] == "run":
