@@ -417,3 +417,16 @@ def test_ray_executor_replaces_a_worker_that_died(tmp_path, ray_cluster) -> None
         assert pool._idle and pool._idle[0] is not actor  # a fresh actor ran it again
     finally:
         pool.close()
+
+
+def test_ray_executor_fits_its_jobs_to_the_cluster(ray_cluster) -> None:
+    from prunelab.bench.executors import RayExecutor
+
+    with pytest.warns(UserWarning, match="2 CPUs: running 2 job"):
+        pool = RayExecutor(4, 1, ray_cluster)  # two more than the cluster's CPUs
+    try:
+        assert len(pool._idle) == 2
+    finally:
+        pool.close()
+    with pytest.raises(PrunelabError, match="2 CPU.*asks for 3 thread"):
+        RayExecutor(1, 3, ray_cluster)

@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import queue
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -144,7 +145,22 @@ class RayExecutor:
         self._inbox = ray.remote(num_cpus=0)(_Inbox).remote()
         self._drained_at = 0.0
         self._actor_class = ray.remote(num_cpus=threads)(_RayWorker)
-        self._idle = [self._new_actor() for _ in range(jobs)]
+        self._idle = [self._new_actor() for _ in range(self._fitting(jobs, threads))]
+
+    def _fitting(self, jobs: int, threads: int) -> int:
+        """As many of ``jobs`` actors as the cluster has CPUs for right now: an actor that
+        cannot be placed would hold its tasks forever, since the others never free theirs."""
+        cpus = int(self.ray.cluster_resources().get("CPU", 0))
+        if cpus < threads:
+            self.ray.shutdown()
+            raise PrunelabError(
+                f"the Ray cluster has {cpus} CPU(s) and each run asks for {threads} thread(s): "
+                "give the sweep fewer threads (spec key `threads`) or the cluster more CPUs")
+        fitting = min(jobs, cpus // threads)
+        if fitting < jobs:
+            warnings.warn(f"the Ray cluster has {cpus} CPUs: running {fitting} job(s) of "
+                          f"{threads} thread(s) instead of {jobs}", stacklevel=3)
+        return fitting
 
     def _new_actor(self) -> Any:
         return self._actor_class.remote(self._inbox)
@@ -189,9 +205,7 @@ class RayExecutor:
                 yield task, result
 
     def close(self) -> None:
-        for actor in [*self._idle, self._inbox]:
-            self.ray.kill(actor)
-        self.ray.shutdown()
+        self.ray.shutdown()  # the actors belong to this driver: they go with it
 
 
 class _RayWorker:
