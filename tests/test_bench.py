@@ -428,5 +428,5 @@ def test_ray_executor_fits_its_jobs_to_the_cluster(ray_cluster) -> None:
         assert len(pool._idle) == 2
     finally:
         pool.close()
-    with pytest.raises(PrunelabError, match="2 CPU.*asks for 3 thread"):
+    with pytest.raises(PrunelabError, match=r"2 CPU.*asks for 3 thread"):
         RayExecutor(1, 3, ray_cluster)
