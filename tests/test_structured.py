@@ -13,6 +13,8 @@ from prunelab.errors import InvalidValueError
 from prunelab.methods.thinet import greedy_removal_order
 from prunelab.metrics import measure
 from prunelab.structured import structure_of
+from prunelab.structured.graph import ChannelGroup
+from prunelab.structured.method import _rounded
 
 X = torch.randn(8, 3, 32, 32)
 Y = torch.randint(0, 10, (8,))
@@ -102,7 +104,7 @@ def test_l1_filter_presets_reproduce_li_et_al(name, preset, flops, params) -> No
 @pytest.mark.parametrize("options", [{"preset": "resnet56-a"}, {"exclude": ["layer9.*"]},
                                      {"layer_sparsity": {"layer1.0.conv9": 0.5}}])
 def test_patterns_that_name_no_layer_are_refused(options) -> None:
-    with pytest.raises(InvalidValueError, match="matches no layer of this model"):
+    with pytest.raises(InvalidValueError, match="matches no prunable layer of this model"):
         prunelab.prune(build("resnet20"), "l1-filter", sparsity=0.3, **options)
 
 
@@ -257,3 +259,29 @@ def test_round_to_keeps_multiples_of_eight() -> None:
     assert all(c.out_channels % 8 == 0 for c in convs)
     assert sum(c.out_channels for c in convs) < sum(
         c.out_channels for c in build("vgg11-cifar").modules() if isinstance(c, nn.Conv2d))
+
+
+def test_rounding_hands_back_what_rounding_down_frees() -> None:
+    """Three 64-channel layers planned to keep 52 each (156 in all), multiples of 16: rounding
+    each alone keeps 48+48+48 = 144; balanced rounding gives one of them back its 16 (160), and
+    a 16-channel layer keeps all its channels (it has no smaller multiple of 16)."""
+    groups = [ChannelGroup(f"c{i}", nn.Identity(), 64) for i in range(3)]
+    groups.append(ChannelGroup("narrow", nn.Identity(), 16))
+    scores = [torch.arange(g.size, dtype=torch.float) for g in groups]
+    plan = {g.root: list(range(12)) for g in groups[:3]} | {"narrow": [0, 1, 2, 3]}
+    kept = {root: 64 - len(removed) for root, removed in _rounded(plan, groups, scores, 16).items()}
+    assert sorted(kept.values()) == [48, 48, 64]
+    assert "narrow" not in kept
+    assert sum(kept.values()) == 160
+
+
+def test_round_to_sixteen_keeps_the_narrow_stage_and_reaches_the_target_closely() -> None:
+    model = build("resnet20")
+    dense = measure(build("resnet20"), torch.zeros(1, 3, 32, 32)).flops
+    prunelab.prune(model, "l2-channel", speedup=1.5, scope="layer", round_to=16)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert all(c.out_channels % 16 == 0 for c in convs.values())
+    assert all(c.out_channels == 16 for n, c in convs.items() if n.startswith("layer1"))
+    assert 1.5 <= dense / measure(model, torch.zeros(1, 3, 32, 32)).flops < 1.65
+    with pytest.raises(InvalidValueError, match="smaller round_to reaches further"):
+        prunelab.prune(build("resnet20"), "l2-channel", speedup=3.0, round_to=16)

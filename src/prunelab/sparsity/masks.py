@@ -79,6 +79,19 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def check_layer_patterns(layers: list[str], patterns: dict[str, Iterable[str]]) -> None:
+    """Every glob in ``patterns`` (option name -> patterns) must match one of ``layers``: a
+    typo, or a preset made for another model, would otherwise prune something else than asked."""
+    for option, given in patterns.items():
+        for pattern in given:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
+                shown = ", ".join(layers[:12]) + (", ..." if len(layers) > 12 else "")
+                raise InvalidValueError(
+                    f"{option} pattern {pattern!r} matches no prunable layer of this model (a "
+                    f"typo, or a preset for another model?); its prunable layers: "
+                    f"{shown or 'none'}")
+
+
 def prunable_weights(
     model: nn.Module,
     *,
@@ -105,12 +118,7 @@ def prunable_weights(
         found = found[:-1]
     include = list(include) if include is not None else None
     exclude = list(exclude)
-    for pattern in [*(include or []), *exclude]:
-        if not any(fnmatch.fnmatchcase(w.name, pattern) for w in found):
-            names = ", ".join(w.name for w in found) or "none"
-            raise InvalidValueError(
-                f"layer pattern {pattern!r} matches no prunable layer; prunable layers: {names}"
-            )
+    check_layer_patterns([w.name for w in found], {"include": include or [], "exclude": exclude})
     if include is not None:
         found = [w for w in found if _matches(w.name, include)]
     found = [w for w in found if not _matches(w.name, exclude)]

@@ -22,6 +22,7 @@ from prunelab.errors import InvalidValueError
 from prunelab.methods.base import ALL_LAYERS, SCOPES, LayerSelection, Method
 from prunelab.metrics import count_parameters, flops_per_module
 from prunelab.sparsity import check_sparsity
+from prunelab.sparsity.masks import check_layer_patterns
 from prunelab.structured.graph import (
     ROOT_TYPES,
     ChannelGroup,
@@ -43,7 +44,8 @@ class StructuredMethod(Method):
     granularity: ClassVar[str] = "channel"
     #: Raw scores can be ranked across layers (BN scales) or are normalised per group first.
     comparable_across_layers: ClassVar[bool] = False
-    #: Keep a multiple of this many channels per layer (8 or 16 suit SIMD kernels best).
+    #: Keep a multiple of this many channels per layer (8 or 16 suit SIMD kernels best; a layer
+    #: with no more channels than this keeps them all).
     round_to: int = 1
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
@@ -104,11 +106,18 @@ class StructuredMethod(Method):
         ratio = sparsity
         if target != "sparsity":
             dense = _size(model, example, target)
-            ratio = solve_ratio(
-                lambda r: dense / _size(_pruned_copy(model, plan_for(r), example, ignored),
-                                        example, target),
-                sparsity, target,
-            )
+            try:
+                ratio = solve_ratio(
+                    lambda r: dense / _size(_pruned_copy(model, plan_for(r), example, ignored),
+                                            example, target),
+                    sparsity, target,
+                )
+            except InvalidValueError as exc:
+                if self.round_to <= 1:
+                    raise
+                raise InvalidValueError(
+                    f"{exc}; round_to={self.round_to} keeps layers of at most {self.round_to} "
+                    "channels whole, a smaller round_to reaches further") from None
         plan = plan_for(ratio)
         _check_plan(model, plan, example, ignored)
         self.reconstruct(model, groups, plan, data)
@@ -120,7 +129,9 @@ class StructuredMethod(Method):
         output layers (the classes; so ``exclude_last`` holds without being asked)."""
         names = dict(model.named_modules())
         layers = [n for n, m in names.items() if isinstance(m, ROOT_TYPES)]
-        _check_patterns(layers, selection)
+        check_layer_patterns(layers, {"include": selection.include or (),
+                                      "exclude": selection.exclude,
+                                      "layer_sparsity": selection.layer_sparsity})
         ignored = [names[n] for n in layers if any(fnmatch.fnmatchcase(n, p)
                                                    for p in selection.exclude)]
         if selection.exclude_first and layers:
@@ -133,19 +144,6 @@ class StructuredMethod(Method):
             groups = [g for g in groups
                       if any(fnmatch.fnmatchcase(g.root, p) for p in selection.include)]
         return [g for g in groups if g.size > MIN_CHANNELS and self.accepts(g)]
-
-
-def _check_patterns(layers: list[str], selection: LayerSelection) -> None:
-    """Every include/exclude/per-layer pattern must name a layer: a typo, or a preset made for
-    another model, would otherwise prune something else than asked."""
-    for option, patterns in (("include", selection.include or ()), ("exclude", selection.exclude),
-                             ("layer_sparsity", selection.layer_sparsity)):
-        for pattern in patterns:
-            if not any(fnmatch.fnmatchcase(name, pattern) for name in layers):
-                shown = ", ".join(layers[:12]) + (", ..." if len(layers) > 12 else "")
-                raise InvalidValueError(
-                    f"{option} pattern {pattern!r} matches no layer of this model (a typo, or a "
-                    f"preset for another model?); its layers: {shown}")
 
 
 def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, scope: str,
@@ -177,19 +175,37 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
 
 def _rounded(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor],
              multiple: int) -> Plan:
-    """Adjust each group so that the channels it keeps are a multiple of ``multiple`` (nearest,
-    at least one multiple; groups smaller than it are left as planned)."""
+    """Adjust the plan so that every group keeps a multiple of ``multiple`` channels.
+
+    A group no larger than ``multiple`` keeps all its channels (it has no smaller multiple).
+    Rounding each group on its own would move every same-sized layer the same way and overshoot
+    a target by a whole step (a 16-channel stage going to 8 at once); here each kept count is
+    rounded down and the channels this frees are handed back, one multiple at a time, to the
+    groups rounded down the most (largest remainder), so the total stays near the plan's.
+    """
     if multiple <= 1:
         return plan
-    out: Plan = {}
-    for group, score in zip(groups, scores, strict=True):
+    wanted: dict[int, int] = {}
+    kept: dict[int, int] = {}
+    for i, group in enumerate(groups):
         removed = len(plan.get(group.root, []))
-        if group.size <= multiple or not removed:
+        if removed and group.size > multiple:
+            wanted[i] = group.size - removed
+            kept[i] = max(wanted[i] // multiple * multiple, multiple)
+    spare = sum(wanted.values()) - sum(kept.values())
+    by_remainder = sorted(wanted, key=lambda i: kept[i] - wanted[i])  # stable: layer order
+    for i in by_remainder:
+        if spare < multiple / 2:
+            break
+        if kept[i] + multiple <= groups[i].size:
+            kept[i] += multiple
+            spare -= multiple
+    out: Plan = {}
+    for i, (group, score) in enumerate(zip(groups, scores, strict=True)):
+        if i in kept:
+            out[group.root] = score.argsort(stable=True)[: group.size - kept[i]].tolist()
+        elif group.size > multiple:
             out[group.root] = plan.get(group.root, [])
-            continue
-        kept = round((group.size - removed) / multiple) * multiple
-        kept = min(max(kept, multiple), group.size)
-        out[group.root] = score.argsort(stable=True)[: group.size - kept].tolist()
     return out
 
 
