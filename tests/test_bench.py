@@ -131,7 +131,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path) -> None:
     assert (summary.ok, summary.failed) == (1, 1)
     with ResultStore(tmp_path / "results.sqlite") as store:
         failed = store.rows(status="failed")
-    assert len(failed) == 1 and "matches no layer" in failed[0]["error"]
+    assert len(failed) == 1 and "matches no prunable layer" in failed[0]["error"]
     assert failed[0]["label"] == "l1-filter/global"
     retry = run_sweep(spec, tmp_path, quiet=True)  # failed runs are retried, finished ones not
     assert (retry.skipped, retry.failed) == (1, 1)
@@ -143,7 +143,7 @@ def test_report_of_a_sweep_whose_runs_all_failed(tmp_path) -> None:
     wrong_preset = {"method": "l1-filter", "options": {"preset": "vgg16-a"}}
     run_sweep(validate(SweepSpec, tiny_spec(methods=[wrong_preset])), tmp_path, quiet=True)
     page = write_report(tmp_path).read_text()  # the dense baseline and the failure, no curves
-    assert "1 failed" in page and "matches no layer" in page
+    assert "1 failed" in page and "matches no prunable layer" in page
 
 
 def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
@@ -328,6 +328,21 @@ def test_report_renders_in_headless_chromium(tmp_path) -> None:
     ).stdout
     assert 'data-figures="2/2"' in dom, dom[:500]
     assert 'data-errors="0"' in dom
+
+
+def test_ray_executor_says_at_once_when_nothing_listens_at_the_address() -> None:
+    import socket
+
+    from prunelab.bench.executors import RayExecutor
+
+    pytest.importorskip("ray")
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(PrunelabError, match=f"nothing answers at the Ray address .*:{port}'"):
+        RayExecutor(1, 1, f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 30
 
 
 @pytest.fixture

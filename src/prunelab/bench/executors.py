@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import socket
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -110,6 +111,21 @@ class LocalExecutor:
         self._messages.close()
 
 
+def _check_listening(address: str, timeout: float = 5.0) -> None:
+    """Fail at once where nothing listens at a ``host:port`` (or ``ray://host:port``) address:
+    ``ray.init`` would retry the connection for minutes before giving up."""
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        return  # ``auto`` and other forms: Ray resolves them, and fails fast itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PrunelabError(
+            f"nothing answers at the Ray address {address!r} ({exc.strerror or exc}): start the "
+            "cluster (`ray start --head` on its head node) or check the host and port"
+        ) from None
+
+
 class RayExecutor:
     """Tasks on a Ray cluster (``address``: ``auto``, ``ray://host:port``, or None to start one
     on this machine), run by ``jobs`` long-lived worker actors of ``threads`` CPUs each.
@@ -131,6 +147,7 @@ class RayExecutor:
         options: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
                                    "include_dashboard": False}
         if address:
+            _check_listening(address)
             options["address"] = address
         else:
             options["num_cpus"] = jobs * threads
