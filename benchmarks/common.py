@@ -37,7 +37,7 @@ def report(name: str, title: str, rows: list[dict[str, Any]], extra: dict | None
         table.add_column(column)
     for row in rows:
         table.add_row(*(_fmt(row.get(c)) for c in columns))
-    Console().print(table)
+    Console(width=max(Console().width, 200)).print(table)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     payload = {"benchmark": name, "title": title, "argv": sys.argv, "environment": environment(),
