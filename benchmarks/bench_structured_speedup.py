@@ -8,12 +8,12 @@ channels_last; latency is the median of repeated forward passes with all cores' 
 models called in turn so that the ratio of two models is taken within one round. A shared VM's
 speed drifts by tens of percent over minutes, and not alike for every model, so every
 configuration is timed in ``--passes`` passes spread over the whole run; a row gives the
-median over passes and the lowest and highest pass. Each speed-up
-is measured twice: eager (BatchNorm as its own op) and with BatchNorm folded into the
-convolution before it, as a model is deployed (``torch.fx`` fuse, applied to dense and pruned
-alike). Side by side: the same model masked (unstructured magnitude pruning) to the same number
-of non-zero parameters, which keeps every dense tensor and should get ~1.0x. ``--scope global``
-lets the criterion choose the widths.
+median over passes and the lowest and highest pass. Each speed-up is measured twice: eager
+(BatchNorm as its own op) and with BatchNorm folded into the convolution before it, as a model
+is deployed (``torch.fx`` fuse, applied to dense and pruned alike). Side by side: the same
+model masked (unstructured magnitude pruning) to the same number of non-zero parameters, which
+keeps every dense tensor and should get ~1.0x. ``--scope global`` lets the criterion choose the
+widths.
 Target: measured / theoretical >= 0.8 for ResNet-56 and VGG-16 at batch 64.
 """
 
@@ -125,11 +125,14 @@ def main() -> None:
 def summary(case: dict) -> dict:
     """A case's row: medians over its passes, and the range of the speed-up ratios."""
     theoretical = case["theoretical"]
-    over = lambda key: [p[key] for p in case["passes"]]  # noqa: E731
+
+    def over(key: str) -> list[float]:
+        return [one[key] for one in case["passes"]]
+
     row = {k: case[k] for k in ("model", "target", "round_to", "batch", "theoretical")}
     for key, label in (("measured", "ratio"), ("folded", "ratio_folded")):
         ratios = [v / theoretical for v in over(key)]
-        row[f"{label}"] = median(ratios)
+        row[label] = median(ratios)
         row[f"{label}_range"] = f"{min(ratios):.2f}-{max(ratios):.2f}"
     return row | {
         "measured": median(over("measured")), "measured_folded": median(over("folded")),
