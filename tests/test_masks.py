@@ -202,6 +202,8 @@ def test_unknown_option_and_pattern_are_clear_errors() -> None:
         prunelab.prune(small_net(), "random", 0.5, sead=1)
     with pytest.raises(InvalidValueError, match="matches no prunable layer"):
         prunelab.prune(small_net(), "magnitude", 0.5, exclude=["features.*"])
+    with pytest.raises(InvalidValueError, match="option 'seed' must be int, got 'one'"):
+        prunelab.prune(small_net(), "random", 0.5, seed="one")
 
 
 def test_conv_transpose_and_conv3d_are_prunable() -> None:

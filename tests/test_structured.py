@@ -285,3 +285,5 @@ def test_round_to_sixteen_keeps_the_narrow_stage_and_reaches_the_target_closely(
     assert 1.5 <= dense / measure(model, torch.zeros(1, 3, 32, 32)).flops < 1.65
     with pytest.raises(InvalidValueError, match="smaller round_to reaches further"):
         prunelab.prune(build("resnet20"), "l2-channel", speedup=3.0, round_to=16)
+    with pytest.raises(InvalidValueError, match="round_to is a channel multiple >= 1"):
+        prunelab.prune(build("resnet20"), "l2-channel", sparsity=0.3, round_to=0)

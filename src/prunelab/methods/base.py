@@ -12,8 +12,9 @@ import dataclasses
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
+import pydantic
 import torch
 from torch import nn
 
@@ -85,6 +86,14 @@ class Method:
                 f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {allowed}"
             )
+        hints = get_type_hints(cls)
+        for name, value in options.items():
+            try:
+                options[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
+            except pydantic.ValidationError:
+                raise InvalidValueError(
+                    f"method {cls.name!r} option {name!r} must be {_type_name(hints[name])}, "
+                    f"got {value!r}") from None
         return cls(**options)
 
     @classmethod
@@ -206,6 +215,11 @@ class UnstructuredMethod(Method):
             return total / max(nonzero, 1)
 
         return solve_ratio(achieved, value, target)
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``int | None``: how an option's type reads in an error message."""
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 Pair = tuple[PrunableWeight, torch.Tensor]

@@ -84,6 +84,10 @@ class StructuredMethod(Method):
         check_target(target, sparsity)
         if target == "sparsity":
             check_sparsity(sparsity, "channel ratio")
+        if self.round_to < 1:
+            raise InvalidValueError(
+                f"round_to is a channel multiple >= 1 (1: no rounding; 8 or 16 suit CPU "
+                f"kernels), got {self.round_to}")
         if scope not in SCOPES:
             raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if self.needs_data and data is None:
