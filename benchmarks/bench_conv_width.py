@@ -12,11 +12,11 @@ a narrow input. It explains where measured speed-ups fall short of theoretical o
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 
 import torch
 
-from common import median, report
+from common import median, report, timed
 
 SQUARE = {32: [4, 8, 12, 16], 16: [8, 16, 24, 32], 8: [16, 24, 32, 40, 48, 64]}
 HALVED = {32: 16, 16: 32, 8: 64}  # each stage's full width, its inputs or outputs halved
@@ -26,15 +26,10 @@ def conv_ms(inputs: int, outputs: int, size: int, batch: int, repeats: int) -> f
     conv = torch.nn.Conv2d(inputs, outputs, 3, padding=1, bias=False).eval()
     conv = conv.to(memory_format=torch.channels_last)
     x = torch.randn(batch, inputs, size, size).contiguous(memory_format=torch.channels_last)
-    times = []
     with torch.inference_mode():
         for _ in range(5):
             conv(x)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            conv(x)
-            times.append((time.perf_counter() - start) * 1e3)
-    return median(times)
+        return median([timed(partial(conv, x)) * 1e3 for _ in range(repeats)])
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
+from functools import partial
 
 import torch
 from torch.fx.experimental.optimization import fuse
@@ -31,7 +31,7 @@ from prunelab.errors import InvalidValueError
 from prunelab.metrics import measure
 from prunelab.sparsity import make_permanent, sparsity_for_compression
 
-from common import median, report
+from common import median, report, timed
 
 
 def interleaved_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int,
@@ -49,9 +49,7 @@ def interleaved_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int,
                     model(x)
             for _ in range(rounds):
                 for model, out in zip(models, times, strict=True):
-                    start = time.perf_counter()
-                    model(x)
-                    out.append((time.perf_counter() - start) * 1e3)
+                    out.append(timed(partial(model, x)) * 1e3)
     finally:
         torch.set_num_threads(old)
     return times

@@ -75,7 +75,8 @@ def layer_type_name(module: nn.Module) -> str:
     return name.removeprefix("Parametrized")
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """Whether layer ``name`` matches one of the glob ``patterns``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -120,8 +121,8 @@ def prunable_weights(
     exclude = list(exclude)
     check_layer_patterns([w.name for w in found], {"include": include or [], "exclude": exclude})
     if include is not None:
-        found = [w for w in found if _matches(w.name, include)]
-    found = [w for w in found if not _matches(w.name, exclude)]
+        found = [w for w in found if matches_any(w.name, include)]
+    found = [w for w in found if not matches_any(w.name, exclude)]
     if not found:
         raise NothingToPruneError(
             f"{type(model).__name__} has no prunable layer left "

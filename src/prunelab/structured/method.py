@@ -22,7 +22,7 @@ from prunelab.errors import InvalidValueError
 from prunelab.methods.base import ALL_LAYERS, SCOPES, LayerSelection, Method
 from prunelab.metrics import count_parameters, flops_per_module
 from prunelab.sparsity import check_sparsity
-from prunelab.sparsity.masks import check_layer_patterns
+from prunelab.sparsity.masks import check_layer_patterns, matches_any
 from prunelab.structured.graph import (
     ROOT_TYPES,
     ChannelGroup,
@@ -136,8 +136,7 @@ class StructuredMethod(Method):
         check_layer_patterns(layers, {"include": selection.include or (),
                                       "exclude": selection.exclude,
                                       "layer_sparsity": selection.layer_sparsity})
-        ignored = [names[n] for n in layers if any(fnmatch.fnmatchcase(n, p)
-                                                   for p in selection.exclude)]
+        ignored = [names[n] for n in layers if matches_any(n, selection.exclude)]
         if selection.exclude_first and layers:
             ignored.append(names[layers[0]])
         return ignored + output_layers(model, example)  # the classes stay
@@ -145,8 +144,7 @@ class StructuredMethod(Method):
     def _selected(self, groups: list[ChannelGroup], selection: LayerSelection
                   ) -> list[ChannelGroup]:
         if selection.include is not None:
-            groups = [g for g in groups
-                      if any(fnmatch.fnmatchcase(g.root, p) for p in selection.include)]
+            groups = [g for g in groups if matches_any(g.root, selection.include)]
         return [g for g in groups if g.size > MIN_CHANNELS and self.accepts(g)]
 
 
