@@ -159,14 +159,15 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
 
 @pytest.mark.parametrize(("sparsity", "epochs"), [(0.3, 5), (0.75, 6)])
 def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) -> None:
-    from prunelab.experiment import Experiment, MethodChoice, RecoveryConfig
+    from prunelab.experiment import Experiment, MethodChoice
+    from prunelab.recoveries import RECOVERIES
 
     spec = validate(SweepSpec, tiny_spec())
     phases: list[str] = []
     experiment = Experiment(spec, on_phase=phases.append)
     dense = experiment.train_dense(0)
     experiment.prune_and_recover(dense, MethodChoice(method="magnitude"), "sparsity", sparsity,
-                                 0, RecoveryConfig(kind="scratch-b"))
+                                 0, RECOVERIES.get("scratch-b")())
     # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x capped at 2x -> 6 epochs).
     assert phases[-1] == f"scratch-b epoch {epochs}/{epochs}"
 

@@ -159,11 +159,11 @@ def test_inspect_a_pruned_checkpoint(tmp_path) -> None:
 
 
 def test_docs_methods_reference_is_current() -> None:
-    from prunelab.methods import methods_markdown
+    from prunelab.reference import reference_markdown
 
     docs = Path(__file__).resolve().parents[1] / "docs" / "methods.md"
     regenerate = "run: prunelab methods --markdown > docs/methods.md"
-    assert docs.read_text() == methods_markdown(), regenerate
+    assert docs.read_text() == reference_markdown(), regenerate
 
 
 def test_example_configs_validate() -> None:

@@ -8,14 +8,13 @@ from torch import nn
 
 import prunelab
 from prunelab.errors import CheckpointError, InvalidValueError
+from prunelab.recoveries import Snapshot, rewind_weights
 from prunelab.schedules import (
     GradualPruning,
     Pruner,
-    Snapshot,
     agp_sparsity,
     iterative,
     iterative_sparsities,
-    rewind_weights,
 )
 from prunelab.sparsity import mask_sparsity
 from prunelab.training import TrainRecipe, train

@@ -43,10 +43,13 @@ def run(
         list[str] | None, typer.Option(help="target sparsities, e.g. 0.5,0.9 (repeatable)")
     ] = None,
     scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
-    schedule: Annotated[str | None, typer.Option(help="one-shot, iterative or gradual")] = None,
+    schedule: Annotated[str | None, typer.Option(
+        help="when to prune: one-shot, iterative, gradual, ... (`prunelab methods` lists all)")
+    ] = None,
     rounds: Annotated[int | None, typer.Option(help="rounds of the iterative schedule")] = None,
     recovery: Annotated[str | None, typer.Option(
-        help="finetune, rewind, scratch-e, scratch-b or none")] = None,
+        help="after pruning: finetune, rewind, scratch-e, scratch-b, none, ... "
+             "(`prunelab methods` lists all)")] = None,
     epochs: Annotated[int | None, typer.Option(help="dense training epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
@@ -70,10 +73,11 @@ def run(
     }
     data = load_yaml_mapping(config) if config else {}
     data.update(overrides)
-    for key, field, value in (("schedule", "kind", schedule), ("schedule", "rounds", rounds),
-                              ("recovery", "kind", recovery)):
-        if value is not None:
-            data[key] = {**(data.get(key) or {}), field: value}
+    for key, kind, options in (("schedule", schedule, {"rounds": rounds}),
+                               ("recovery", recovery, {})):
+        value = _strategy(data.get(key), kind, **options)
+        if value:
+            data[key] = value
     source = str(config) if config else "the command-line options"
     cfg = validate(RunConfig, data, source)
     for stage, value in (("train", epochs), ("finetune", finetune_epochs)):
@@ -88,6 +92,15 @@ def run(
     result = run_job(cfg, quiet=quiet)
     console.print(results_table(result.rows))
     console.print(f"results: {result.folder}/results.json and results.csv")
+
+
+def _strategy(given: Any, kind: str | None, **options: Any) -> Any:
+    """A schedule or recovery from the config file with command-line overrides: a new kind
+    drops the options of the old one."""
+    current = {"kind": given} if isinstance(given, str) else dict(given or {})
+    if kind is not None and kind != current.get("kind"):
+        current = {"kind": kind}
+    return current | {key: value for key, value in options.items() if value is not None}
 
 
 def results_table(rows: list[dict]) -> Table:
@@ -116,20 +129,31 @@ def results_table(rows: list[dict]) -> Table:
 def methods(
     markdown: Annotated[bool, typer.Option(help="print docs/methods.md, not a table")] = False,
 ) -> None:
-    """List the registered pruning methods and their options."""
-    from prunelab.methods import METHODS, methods_markdown
+    """List the registered pruning methods, schedules and recoveries, with their options."""
+    from prunelab.methods import METHODS
+    from prunelab.reference import STRATEGIES, reference_markdown
 
     if markdown:
-        sys.stdout.write(methods_markdown())
+        sys.stdout.write(reference_markdown())
         return
     table = Table(title="pruning methods")
     for column in ("name", "granularity", "needs data", "description", "options"):
         table.add_column(column)
     for name, cls in METHODS.items():
-        options = ", ".join(f"{n}={d!r}" for n, _, d in cls.option_table()) or "-"
         table.add_row(name, cls.granularity, "yes" if cls.needs_data else "no", cls.summary(),
-                      options)
+                      _options(cls.option_table()))
     console.print(table)
+    for title, registry in STRATEGIES:
+        table = Table(title=title.lower())
+        for column in ("kind", "description", "options"):
+            table.add_column(column)
+        for name, cls in registry.items():
+            table.add_row(name, cls.summary(), _options(cls.option_table()))
+        console.print(table)
+
+
+def _options(rows: list[tuple[str, str, Any]]) -> str:
+    return ", ".join(f"{name}={default!r}" for name, _, default in rows) or "-"
 
 
 @app.command(name="models")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -17,24 +17,46 @@ from prunelab.errors import ConfigError, did_you_mean
 M = TypeVar("M", bound=BaseModel)
 
 
-def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The field names allowed at ``loc`` (a pydantic error location) inside ``model``."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (``X``, ``X | None``, ``list[X]``, unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _value_type(annotation: Any) -> Any:
+    """What a field holds: one model, ``{kind: model}`` for a union tagged by ``kind``, or None."""
+    models = _models_in(annotation)
+    if len(models) == 1:
+        return models[0]
+    return {m.model_fields["kind"].default: m for m in models if "kind" in m.model_fields} or None
+
+
+def _resolve(model: type[BaseModel], loc: tuple) -> tuple[str, list[str], Any]:
+    """Follow an error location through the nested models.
+
+    Returns the location as the user wrote it (pydantic inserts a union member's tag:
+    ``schedule.iterative.rounds`` is ``schedule.rounds`` in the file), the keys allowed where
+    the location ends, and what the last key holds.
+    """
+    shown: list = []
+    container: type[BaseModel] | None = None
     current: Any = model
-    for part in loc[:-1]:
-        is_model = isinstance(current, type) and issubclass(current, BaseModel)
-        if isinstance(part, int) or not is_model:
+    for part in loc:
+        if isinstance(part, int):  # a list index: the items have the list's type
+            shown.append(part)
             continue
-        field = current.model_fields.get(part)
-        if field is None:
-            return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next(
-            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
-        )
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
+        if isinstance(current, dict) and part in current:  # pydantic's tag, not the user's key
+            current = current[part]
+            continue
+        shown.append(part)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            container, field = current, current.model_fields.get(part)
+            current = _value_type(field.annotation) if field is not None else None
+        else:
+            container = current = None
+    where = ".".join(str(p) for p in shown) or "(top level)"
+    return where, list(container.model_fields) if container else [], current
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
@@ -42,12 +64,15 @@ def format_validation_error(error: ValidationError, model: type[BaseModel], sour
     lines = []
     for item in error.errors():
         loc = tuple(item["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        where, valid, holds = _resolve(model, loc)
         if item["type"] == "extra_forbidden":
-            valid = _valid_keys(model, loc)
             hint = did_you_mean(str(loc[-1]), valid)
             allowed = f" Allowed keys here: {', '.join(valid)}." if valid else ""
             lines.append(f"unknown key {where!r}.{hint}{allowed}")
+        elif item["type"] == "union_tag_invalid" and isinstance(holds, dict):
+            tag = str(item["ctx"]["tag"])
+            lines.append(f"{where}.kind: unknown kind {tag!r}.{did_you_mean(tag, holds)} "
+                         f"Kinds: {', '.join(sorted(holds))}.")
         else:
             message = item["msg"].removeprefix("Value error, ")
             if loc:

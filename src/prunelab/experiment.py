@@ -8,7 +8,6 @@ prune it with a schedule, recover (fine-tune, rewind, Scratch-E, Scratch-B), eva
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,37 +20,21 @@ from torch import nn
 
 from prunelab import data as datasets
 from prunelab import models
-from prunelab.errors import ConfigError, PrunelabError
-from prunelab.methods import METHODS
+from prunelab.errors import PrunelabError
+from prunelab.methods import METHODS, Method
 from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash
-from prunelab.schedules import GradualPruning, Pruner, Snapshot, iterative, rewind_weights
+from prunelab.recoveries import RECOVERIES, Recovery, Snapshot
+from prunelab.schedules import SCHEDULES, Pruner, Schedule
 from prunelab.sparsity import check_sparsity, mask_sparsity
-from prunelab.structured.graph import replay_structure, structure_of
+from prunelab.strategies import strategy_field
+from prunelab.structured.graph import structure_of
 from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
 from prunelab.utils import seed_everything
 
-SCRATCH_SEED_OFFSET = 10_000  # Scratch-E/B start from a fresh draw, not the dense model's init
-
-
-class ScheduleConfig(BaseModel):
-    """When to prune: ``one-shot``, ``iterative`` (geometric rounds) or ``gradual`` (AGP)."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["one-shot", "iterative", "gradual"] = "one-shot"
-    rounds: int = Field(3, ge=1)
-    agp_start: float = Field(0.0, ge=0, lt=1)
-    agp_end: float = Field(0.75, gt=0, le=1)
-    agp_frequency: int | None = Field(None, ge=1, description="steps between mask updates")
-
-
-class RecoveryConfig(BaseModel):
-    """After pruning: fine-tune, rewind (lottery ticket) to epoch k, Scratch-E/B, or nothing."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["finetune", "rewind", "scratch-e", "scratch-b", "none"] = "finetune"
-    rewind_epoch: int = Field(0, ge=0)
-    scratch_b_cap: float = Field(2.0, ge=1, description="max epoch multiplier of Scratch-B")
+#: Config types accepting any registered schedule / recovery (``{kind: ..., options}``).
+ScheduleConfig = strategy_field(SCHEDULES, "one-shot")
+RecoveryConfig = strategy_field(RECOVERIES, "finetune")
 
 
 class LatencyConfig(BaseModel):
@@ -88,8 +71,8 @@ class ExperimentConfig(BaseModel):
     exclude_last: bool = False
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     calibration_batches: int = Field(8, ge=1)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    schedule: ScheduleConfig = Field(default_factory=lambda: SCHEDULES.get("one-shot")())
+    recovery: RecoveryConfig = Field(default_factory=lambda: RECOVERIES.get("finetune")())
     train: TrainRecipe = Field(default_factory=TrainRecipe)
     finetune: TrainRecipe = Field(default_factory=TrainRecipe)
     keep_best: bool = True
@@ -116,33 +99,17 @@ class ExperimentConfig(BaseModel):
         return data
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
-                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+                   recoveries: Sequence[Recovery] = ()) -> None:
         """Fail before any training on what a run would only find out later: unknown names or
-        method options, and schedule/recovery combinations that cannot work."""
+        method options, and method/schedule/recovery combinations that cannot work."""
         datasets.check_name(self.dataset)
         models.check_name(self.model)
-        recoveries = list(recoveries) or [self.recovery]
-        for recovery in recoveries:
-            if recovery.kind != "rewind":
-                continue
-            if self.schedule.kind == "gradual":
-                raise ConfigError("gradual pruning happens while fine-tuning: it cannot be "
-                                  "combined with rewinding (use one-shot or iterative)")
-            if recovery.rewind_epoch >= self.train.epochs:
-                raise ConfigError(f"rewind_epoch {recovery.rewind_epoch} must be below the "
-                                  f"training epochs ({self.train.epochs})")
         for choice in choices:
             method = METHODS.get(choice.method)
             method.create(**choice.options)
-            if method.granularity == "unstructured":
-                continue
-            if self.schedule.kind != "one-shot":
-                raise ConfigError(f"structured method {choice.method!r} prunes one-shot; set "
-                                  f"schedule.kind to one-shot")
-            if any(r.kind == "rewind" for r in recoveries):
-                raise ConfigError(f"structured method {choice.method!r} changes the "
-                                  f"architecture, so it cannot rewind; use finetune, scratch-e "
-                                  f"or scratch-b")
+            for recovery in list(recoveries) or [self.recovery]:
+                self.schedule.check(method, recovery)
+                recovery.check(method, self)
 
     def dense_key(self, seed: int, choice: MethodChoice | None = None) -> str:
         """Identifies the dense model of this setting and seed (its cache file name).
@@ -312,99 +279,18 @@ class Experiment:
             data=calibration if METHODS.get(choice.method).needs_data else None,
         )
 
-    def resolve_sparsity(self, model: nn.Module, kind: str, value: float,
-                         pruner: Pruner) -> float:
-        """Turn a target (sparsity, compression or FLOPs speed-up) into a weight sparsity."""
-        if kind == "sparsity":
-            return check_sparsity(value)
-        method = METHODS.get(pruner.method).create(**pruner.options)
-        return method._sparsity_for(model, kind, value, pruner.scope, pruner.data,
-                                    pruner.selection(), self.example)
-
     def prune_and_recover(self, dense: DenseModel, choice: MethodChoice, kind: str,
-                          value: float, seed: int, recovery: RecoveryConfig | None = None
+                          value: float, seed: int, recovery: Recovery | None = None
                           ) -> tuple[nn.Module, float | None]:
-        """Copy the dense model, prune it to the target with the schedule, then recover.
+        """Prune a copy of the dense model to the target following the schedule, then recover.
 
         Returns the model and, for unstructured methods, the sparsity the target came to.
-        Structured methods prune one-shot (their target is reached by removing channels).
         """
-        c = self.config
-        recovery = recovery or c.recovery
-        model = copy.deepcopy(dense.model)
-        pruner = self.pruner(choice, seed)
+        run = Run(self, dense, choice, kind, value, seed, self.config.schedule,
+                  recovery or self.config.recovery)
         seed_everything(seed)
-
-        def finetune(m: nn.Module) -> None:
-            self.fit(m, c.finetune, seed, "finetune")
-
-        between = finetune if recovery.kind == "finetune" else None
-        if recovery.kind == "rewind":
-            between = self._rewinder(dense, seed, recovery)
-        elif recovery.kind in ("scratch-e", "scratch-b") and c.schedule.kind == "iterative":
-            between = finetune  # the mask is found by iterative pruning with fine-tuning
-
-        sparsity = None
-        if METHODS.get(choice.method).granularity != "unstructured":
-            pruner(model, value, kind, self.example)
-            if between is not None:
-                between(model)
-        elif c.schedule.kind == "gradual":
-            sparsity = self.resolve_sparsity(model, kind, value, pruner)
-            steps = len(self.loader("train", c.finetune.batch_size, seed, shuffle=True))
-            agp = GradualPruning(pruner, sparsity, start=c.schedule.agp_start,
-                                 end=c.schedule.agp_end,
-                                 frequency=c.schedule.agp_frequency or max(1, steps // 4))
-            self.fit(model, c.finetune, seed, "gradual", [agp], keep_best=False)
-        else:
-            sparsity = self.resolve_sparsity(model, kind, value, pruner)
-            rounds = c.schedule.rounds if c.schedule.kind == "iterative" else 1
-            iterative(model, pruner, sparsity, rounds, between)
-        if recovery.kind in ("scratch-e", "scratch-b"):
-            model = self._scratch(model, dense, seed, recovery)
-        return model, sparsity
-
-    def _rewinder(self, dense: DenseModel, seed: int, recovery: RecoveryConfig
-                  ) -> Callable[[nn.Module], None]:
-        c = self.config
-        state = dense.snapshots.get(recovery.rewind_epoch)
-        if state is None:
-            raise ConfigError(f"no snapshot at epoch {recovery.rewind_epoch} to rewind to")
-
-        def rewind(model: nn.Module) -> None:
-            if structure_of(model):
-                raise ConfigError("rewinding needs the original architecture: use it with "
-                                  "unstructured methods")
-            rewind_weights(model, state)
-            self.fit(model, c.train, seed, "rewind", start_epoch=recovery.rewind_epoch)
-
-        return rewind
-
-    def _scratch(self, model: nn.Module, dense: DenseModel, seed: int,
-                 recovery: RecoveryConfig) -> nn.Module:
-        """Re-initialise the pruned network and train it from scratch; returns it.
-
-        The pruned network keeps its mask (unstructured) or its smaller architecture
-        (structured) with fresh random weights. Scratch-E trains for the dense model's epochs;
-        Scratch-B for the same compute: epochs × FLOPs_dense / FLOPs_pruned, capped for
-        unstructured sparsity (2× by default, as in "Rethinking the Value of Network Pruning").
-        """
-        recipe = self.config.train
-        fresh = self.new_model(seed + SCRATCH_SEED_OFFSET)
-        structure = structure_of(model)
-        if structure:
-            model = replay_structure(fresh, structure)
-        else:
-            rewind_weights(model, fresh.state_dict())
-        if recovery.kind == "scratch-b":
-            dense_flops = measure(dense.model, self.example).flops
-            pruned_flops = measure(model, self.example).effective_flops
-            factor = dense_flops / max(pruned_flops, 1)
-            if not structure:
-                factor = min(factor, recovery.scratch_b_cap)
-            recipe = recipe.model_copy(update={"epochs": math.ceil(recipe.epochs * factor)})
-        self.fit(model, recipe, seed, recovery.kind)
-        return model
+        model = run.schedule.run(run)
+        return run.recovery.finish(model, run), run.sparsity
 
     def row(self, model: nn.Module, seed: int, seconds: float,
             dense: DenseModel | None = None) -> dict[str, Any]:
@@ -444,6 +330,60 @@ class Experiment:
                 row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
         row["seconds"] = seconds
         return row
+
+
+@dataclass
+class Run:
+    """One run in progress: what schedules and recoveries work with.
+
+    The schedule decides when to call :meth:`prune` (and :meth:`resolve_sparsity`) and calls
+    ``recovery.between`` after each step; the recovery fine-tunes, rewinds or retrains.
+    """
+
+    experiment: Experiment
+    dense: DenseModel
+    choice: MethodChoice
+    target: str
+    value: float
+    seed: int
+    schedule: Schedule
+    recovery: Recovery
+    sparsity: float | None = None  # the weight sparsity the target came to (unstructured)
+
+    @cached_property
+    def method(self) -> type[Method]:
+        return METHODS.get(self.choice.method)
+
+    @cached_property
+    def pruner(self) -> Pruner:
+        return self.experiment.pruner(self.choice, self.seed)
+
+    def trained_copy(self) -> nn.Module:
+        """A copy of the trained dense model, to prune."""
+        return copy.deepcopy(self.dense.model)
+
+    def resolve_sparsity(self, model: nn.Module) -> float:
+        """The weight sparsity that reaches the target (a sparsity, compression or speed-up)."""
+        if self.sparsity is None:
+            if self.target == "sparsity":
+                self.sparsity = check_sparsity(self.value)
+            else:
+                method = self.method.create(**self.pruner.options)
+                self.sparsity = method._sparsity_for(
+                    model, self.target, self.value, self.pruner.scope, self.pruner.data,
+                    self.pruner.selection(), self.experiment.example)
+        return self.sparsity
+
+    def prune(self, model: nn.Module) -> nn.Module:
+        """Prune ``model`` to the run's target in one step (structured methods remove
+        channels to reach it; unstructured ones mask to the resolved sparsity)."""
+        if self.method.granularity != "unstructured":
+            return self.pruner(model, self.value, self.target, self.experiment.example)
+        return self.pruner(model, self.resolve_sparsity(model))
+
+    def finetune(self, model: nn.Module) -> None:
+        """Fine-tune with the experiment's ``finetune`` recipe."""
+        self.experiment.fit(model, self.experiment.config.finetune, self.seed, "finetune")
 
 
 class _Limited:

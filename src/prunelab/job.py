@@ -19,8 +19,9 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from prunelab.errors import ConfigError
-from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice, RecoveryConfig
+from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
 from prunelab.provenance import config_hash, environment
+from prunelab.recoveries import Recovery
 from prunelab.sparsity import check_sparsity
 
 
@@ -47,7 +48,7 @@ class RunConfig(ExperimentConfig):
         return MethodChoice(method=self.method, scope=self.scope, options=self.method_options)
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
-                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+                   recoveries: Sequence[Recovery] = ()) -> None:
         super().check_plan([self.choice, *choices], recoveries)
 
 
@@ -77,9 +78,8 @@ def run_job(
         _check_out(Path(config.out))
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
-    snapshot_epochs = {config.recovery.rewind_epoch} if config.recovery.kind == "rewind" else set()
     choice = config.choice
-    dense = experiment.train_dense(config.seed, snapshot_epochs, choice)
+    dense = experiment.train_dense(config.seed, config.recovery.snapshot_epochs(), choice)
     rows = [dense.row | {"target_sparsity": 0.0}]
     if on_row:
         on_row(rows[0])

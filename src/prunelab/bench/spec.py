@@ -13,7 +13,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -25,6 +24,7 @@ from prunelab.experiment import (
     training_variant,
 )
 from prunelab.provenance import config_hash
+from prunelab.recoveries import Recovery
 from prunelab.sparsity import check_sparsity
 
 TargetKind = Literal["sparsity", "compression", "speedup"]
@@ -70,13 +70,12 @@ class Grid(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0])
     recoveries: list[RecoveryConfig] | None = None
 
-    @field_validator("methods", "recoveries", mode="before")
+    @field_validator("methods", mode="before")
     @classmethod
-    def _names(cls, value: Any, info: ValidationInfo) -> Any:
+    def _names(cls, value: Any) -> Any:
         """A bare name stands for its mapping: ``magnitude`` -> ``{method: magnitude}``."""
-        key = {"methods": "method", "recoveries": "kind"}[info.field_name]
         if isinstance(value, list):
-            return [{key: v} if isinstance(v, str) else v for v in value]
+            return [{"method": v} if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("methods", "seeds")
@@ -120,7 +119,7 @@ class SweepSpec(ExperimentConfig):
     grid: Grid
     threads: int | None = Field(None, ge=1, description="torch threads per run (default: split)")
 
-    def recoveries(self) -> list[RecoveryConfig]:
+    def recoveries(self) -> list[Recovery]:
         return self.grid.recoveries or [self.recovery]
 
     def runs(self) -> list[RunSpec]:
@@ -159,8 +158,8 @@ class SweepSpec(ExperimentConfig):
         return run.choice if training_variant(run.choice) else None
 
     def snapshot_epochs(self) -> set[int]:
-        return {r.rewind_epoch for r in self.recoveries() if r.kind == "rewind"}
+        return set().union(*(r.snapshot_epochs() for r in self.recoveries()))
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
-                   recoveries: Sequence[RecoveryConfig] = ()) -> None:
+                   recoveries: Sequence[Recovery] = ()) -> None:
         super().check_plan([*choices, *self.grid.methods], [*recoveries, *self.recoveries()])
