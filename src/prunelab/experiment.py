@@ -16,11 +16,12 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from prunelab import data as datasets
 from prunelab import models
+from prunelab.config import CheckedModel
 from prunelab.errors import ConfigError, PrunelabError
 from prunelab.methods import METHODS
 from prunelab.metrics import evaluate, measure
@@ -34,7 +35,7 @@ from prunelab.utils import seed_everything
 SCRATCH_SEED_OFFSET = 10_000  # Scratch-E/B start from a fresh draw, not the dense model's init
 
 
-class ScheduleConfig(BaseModel):
+class ScheduleConfig(CheckedModel):
     """When to prune: ``one-shot``, ``iterative`` (geometric rounds) or ``gradual`` (AGP)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,7 +46,7 @@ class ScheduleConfig(BaseModel):
     agp_frequency: int | None = Field(None, ge=1, description="steps between mask updates")
 
 
-class RecoveryConfig(BaseModel):
+class RecoveryConfig(CheckedModel):
     """After pruning: fine-tune, rewind (lottery ticket) to epoch k, Scratch-E/B, or nothing."""
 
     model_config = ConfigDict(extra="forbid")
@@ -54,7 +55,7 @@ class RecoveryConfig(BaseModel):
     scratch_b_cap: float = Field(2.0, ge=1, description="max epoch multiplier of Scratch-B")
 
 
-class LatencyConfig(BaseModel):
+class LatencyConfig(CheckedModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     batch_size: int = Field(1, ge=1)
@@ -71,7 +72,7 @@ def auto_preset(dataset: str, stage: str) -> str:
     return "cpu-cifar" if stage == "train" else "cpu-finetune"
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(CheckedModel):
     """Model, data, recipes, schedule and recovery shared by every run of an experiment."""
 
     model_config = ConfigDict(extra="forbid")
@@ -157,7 +158,7 @@ class ExperimentConfig(BaseModel):
                             "seed": seed} | ({"variant": variant} if variant else {}))
 
 
-class MethodChoice(BaseModel):
+class MethodChoice(CheckedModel):
     """A method with its scope and options, e.g. ``{method: taylor, scope: layer}``."""
 
     model_config = ConfigDict(extra="forbid")
