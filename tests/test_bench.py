@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sqlite3
@@ -246,15 +247,18 @@ def test_local_executor_survives_a_worker_that_died(tmp_path) -> None:
         pool.close()
 
 
-def test_two_sweeps_on_one_folder_do_not_corrupt_the_store(tmp_path) -> None:
+def test_two_sweeps_on_one_folder_split_the_runs(tmp_path) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec(targets={"sparsity": [0.3, 0.6, 0.9]},
                                                   seeds=[0, 1])))
     out = tmp_path / "out"
     first, second = sweep_cli(spec_path, out), sweep_cli(spec_path, out)
+    finished = []
     for process in (first, second):
-        _, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr
+        finished.append(int(re.search(r"(\d+) finished", stdout).group(1)))
+    assert sum(finished) == 6, finished  # each run computed by exactly one of them
     rows = ok_rows(out)
     assert len(rows) == 8 and len({r["run_key"] for r in rows}) == 8
     with sqlite3.connect(out / "results.sqlite") as db:

@@ -2,21 +2,26 @@
 
 A checkpoint is a dict saved with ``torch.save`` and always read back with
 ``torch.load(weights_only=True)``, so loading a file never runs code from it. It records the model's
-zoo name and arguments (when known), so ``load_checkpoint(path)`` can rebuild the model by itself.
+zoo name and arguments (when known), so ``load_checkpoint(path)`` can rebuild the model by itself,
+and a SHA-256 of its contents, checked on load: a file whose bytes changed on disk (a bad copy, a
+failing disk) is refused rather than loaded with wrong weights. Files from before the checksum
+load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import tempfile
-from collections.abc import Mapping
+import secrets
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
 
-from prunelab.errors import CheckpointError
+from prunelab.errors import CheckpointError, DiskFullError, is_disk_full
 from prunelab.sparsity import prepare_for_state_dict
 
 FORMAT = "prunelab-checkpoint"
@@ -61,15 +66,60 @@ def save_checkpoint(
         "state_dict": model.state_dict(),
         "extra": dict(extra or {}),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    payload["sha256"] = payload_digest(payload)
+    write_atomically(path, lambda handle: torch.save(payload, handle))
+    return path
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write(handle)`` into a temporary name, then rename it into place.
+
+    The file gets the usual permissions (0666 less the umask), and a full disk raises
+    :class:`DiskFullError` naming the file, instead of the error of whatever library was writing.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        torch.save(payload, tmp)
+        buffer = io.BytesIO()  # serialise first: a failing write is then a plain OSError
+        write(buffer)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getbuffer())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(
+                f"no space left on device while writing {str(path)!r}: free some space (or "
+                "choose another folder) and run again") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents (tensors by dtype, shape and bytes), itself excluded."""
+    digest = hashlib.sha256()
+    _hash_into(digest, {k: v for k, v in payload.items() if k != "sha256"})
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _hash_into(digest, key)
+            _hash_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"L{len(value)}".encode())
+        for item in value:
+            _hash_into(digest, item)
+    else:
+        digest.update(f"V{type(value).__name__}:{value!r};".encode())
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -87,8 +137,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "or not saved by torch.save"
         ) from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        if payload.get("version", 0) > VERSION:
+        if not isinstance(payload.get("version", 0), int) or payload.get("version", 0) > VERSION:
             raise CheckpointError(f"{str(path)!r} was written by a newer prunelab; upgrade it")
+        _check_contents(path, payload)
         return payload
     if isinstance(payload, dict) and payload and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
@@ -99,6 +150,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         f"{str(path)!r} is neither a prunelab checkpoint nor a state dict "
         f"(found a {type(payload).__name__})"
     )
+
+
+def _check_contents(path: Path, payload: dict[str, Any]) -> None:
+    """A prunelab checkpoint must hold its parts, with the right types and an intact checksum."""
+    where = repr(str(path))
+    kinds = {"model": dict, "state_dict": dict, "extra": dict}
+    missing = [key for key in kinds if key not in payload]
+    if missing:
+        raise CheckpointError(f"{where} is an incomplete prunelab checkpoint: it has no "
+                              f"{', '.join(missing)}; it was not written by save_checkpoint")
+    wrong = [key for key, kind in kinds.items() if not isinstance(payload[key], kind)]
+    state = payload["state_dict"]
+    if not wrong and not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                             for k, v in state.items()):
+        wrong = ["state_dict"]
+    if wrong:
+        raise CheckpointError(f"{where} is a damaged prunelab checkpoint: {', '.join(wrong)} "
+                              "has the wrong type")
+    expected = payload.get("sha256")
+    if expected is not None and expected != payload_digest(payload):
+        raise CheckpointError(
+            f"{where} is corrupt: its contents do not match the SHA-256 saved with them (the "
+            "file changed after it was written: a bad copy or a failing disk?); use another copy")
 
 
 def load_checkpoint(

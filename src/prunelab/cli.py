@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from prunelab.errors import PrunelabError
 
@@ -20,8 +21,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Wide tables when output is piped or logged (rich would otherwise truncate to 80 columns).
-console = Console(width=None if sys.stdout.isatty() else 160)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+# No markup: names, paths and messages from the user are printed as they are ("[/x]" included).
+console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 
 
 def _floats(text: list[str] | None) -> list[float] | None:
@@ -85,10 +87,10 @@ def run(
             recipe = getattr(cfg, stage).model_dump() | {"epochs": value}
             cfg = validate(RunConfig, cfg.model_dump() | {stage: recipe}, source)
     cfg.check_plan()
-    console.print(
-        f"[bold]prunelab run[/]: {cfg.model} on {cfg.dataset}, {cfg.method} ({cfg.scope}), "
-        f"{cfg.schedule.kind} + {cfg.recovery.kind}, seed {cfg.seed}"
-    )
+    console.print(Text.assemble(
+        ("prunelab run", "bold"),
+        f": {cfg.model} on {cfg.dataset}, {cfg.method} ({cfg.scope}), "
+        f"{cfg.schedule.kind} + {cfg.recovery.kind}, seed {cfg.seed}"))
     result = run_job(cfg, quiet=quiet)
     console.print(results_table(result.rows))
     console.print(f"results: {result.folder}/results.json and results.csv")
@@ -248,12 +250,20 @@ def sweep(
 
     summary = run_sweep(load_config(SweepSpec, spec), out, jobs=jobs, executor=executor,
                         address=address, quiet=quiet, console=err_console)
+    elsewhere = (f", {summary.elsewhere} left to another sweep on this folder"
+                 if summary.elsewhere else "")
     console.print(
         f"{summary.total} runs: {summary.skipped} already done, {summary.ok} finished, "
-        f"{summary.failed} failed ({summary.seconds:.1f} s). Store: {summary.store}"
+        f"{summary.failed} failed{elsewhere} ({summary.seconds:.1f} s). Store: {summary.store}"
     )
     if summary.failed:
-        console.print("see the errors with: prunelab results OUT --failed")
+        # Exit 2 when every failure was a bad input (as `prunelab run` would), 1 otherwise.
+        errors = "; ".join(f"{' '.join(message.split())} ({n} run{'s' * (n > 1)})"
+                           for message, n in list(summary.errors.items())[:3])
+        more = f"; and {len(summary.errors) - 3} other errors" if len(summary.errors) > 3 else ""
+        _fail(f"{summary.failed} of {summary.ok + summary.failed} runs failed: {errors}{more}. "
+              f"All errors: prunelab results {out} --failed",
+              status=2 if summary.user_errors else 1)
 
 
 @app.command()
@@ -283,12 +293,14 @@ def report(
     markdown: Annotated[bool, typer.Option(help="also print the tables as Markdown")] = False,
     sweep: Annotated[str | None, typer.Option(
         help="the sweep to report, when FOLDER holds several")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="write the report here (default: inside FOLDER)")] = None,
 ) -> None:
     """Write a self-contained HTML report (and PNG/SVG figures) into FOLDER/report
-    (FOLDER/report-NAME with --sweep NAME)."""
+    (FOLDER/report-NAME with --sweep NAME, or --out)."""
     from prunelab.bench.report import markdown_summary, write_report
 
-    path = write_report(folder, sweep)
+    path = write_report(folder, sweep, out)
     if markdown:
         sys.stdout.write(markdown_summary(folder, sweep))
     console.print(f"report: {path}")
@@ -302,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc))
     except OSError as exc:  # a path that cannot be written or read, a full disk: say which
         _fail(f"{exc.strerror or exc}: {exc.filename!r}" if exc.filename else str(exc))
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:
         hint = (": another program holds it; retry when it is done" if "locked" in str(exc)
                 else "")
         _fail(f"the results store could not be used ({exc}){hint}")
@@ -311,9 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    sys.exit(2)
+def _fail(message: str, status: int = 2) -> None:
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # 1 line
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False,
+                      soft_wrap=True)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

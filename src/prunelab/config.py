@@ -55,31 +55,58 @@ def _resolve(model: type[BaseModel], loc: tuple) -> tuple[str, list[str], Any]:
             current = _value_type(field.annotation) if field is not None else None
         else:
             container = current = None
-    where = ".".join(str(p) for p in shown) or "(top level)"
+    where = ".".join(str(p) for p in shown)
     return where, list(container.model_fields) if container else [], current
 
 
 def format_validation_error(error: ValidationError, model: type[BaseModel], source: str) -> str:
-    """One line per problem: where, what, and for unknown keys the closest valid key."""
+    """One line: each problem (where, what, and for unknown keys the closest valid key)."""
+    return f"invalid configuration in {source}: " + "; ".join(_problems(error, model, ""))
+
+
+def _problems(error: ValidationError, model: type[BaseModel], prefix: str) -> list[str]:
+    """Each problem of ``error`` at its location as the user wrote it, below ``prefix``."""
     lines = []
     for item in error.errors():
-        loc = tuple(item["loc"])
-        where, valid, holds = _resolve(model, loc)
-        if item["type"] == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), valid)
+        where, valid, holds = _resolve(model, tuple(item["loc"]))
+        where = ".".join(part for part in (prefix, where) if part)
+        inner = (item.get("ctx") or {}).get("error")
+        if isinstance(inner, ConfigValidationError):  # a CheckedModel inside: its problems
+            lines += _problems(inner.validation_error, inner.model, where)
+        elif item["type"] == "extra_forbidden":
+            hint = did_you_mean(str(item["loc"][-1]), valid)
             allowed = f" Allowed keys here: {', '.join(valid)}." if valid else ""
-            lines.append(f"unknown key {where!r}.{hint}{allowed}")
+            lines.append(f"unknown key {where or '(top level)'!r}.{hint}{allowed}")
         elif item["type"] == "union_tag_invalid" and isinstance(holds, dict):
             tag = str(item["ctx"]["tag"])
             lines.append(f"{where}.kind: unknown kind {tag!r}.{did_you_mean(tag, holds)} "
                          f"Kinds: {', '.join(sorted(holds))}.")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            if loc:
-                lines.append(f"{where}: {message} (got {item.get('input')!r})")
-            else:
-                lines.append(message)
-    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
+            got = "" if "got " in message else f" (got {item.get('input')!r})"
+            lines.append(f"{where}: {message}{got}" if where else message)
+    return lines
+
+
+class ConfigValidationError(ConfigError):
+    """A :class:`ConfigError` that keeps pydantic's error, so that the model containing the one
+    that failed reports each problem at its full location (``train.epochs``)."""
+
+    def __init__(self, validation_error: ValidationError, model: type[BaseModel]):
+        self.validation_error, self.model = validation_error, model
+        super().__init__(format_validation_error(validation_error, model, model.__name__))
+
+
+class CheckedModel(BaseModel):
+    """A pydantic model whose constructor raises :class:`ConfigError` (one readable message, a
+    ``PrunelabError`` and a ``ValueError``) instead of pydantic's raw ``ValidationError``, so
+    ``TrainRecipe(epochs=-1)`` in Python reads like the same mistake in a YAML file."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigValidationError(exc, type(self)) from None
 
 
 def validate(model: type[M], data: Any, source: str = "the configuration") -> M:
@@ -101,9 +128,34 @@ def load_yaml(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"cannot read the config file {str(path)!r}: {reason}") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{str(path)!r} is not valid YAML: {_yaml_problem(exc, text)}"
+                          ) from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error on one line: where, what, and the offending line itself."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    lines = text.splitlines()
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    shown = next((lines[m.line].strip() for m in (mark, context_mark)
+                  if m is not None and m.line < len(lines) and lines[m.line].strip()), "")
+    while_ = ""
+    if context and context_mark is not None and context_mark.line != mark.line:
+        while_ = f" ({context} that starts on line {context_mark.line + 1})"
+    elif context:
+        while_ = f" ({context})"
+    return (f"line {mark.line + 1}, column {mark.column + 1}: {problem}{while_}"
+            + (f": {shown!r}" if shown else ""))
 
 
 def load_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:

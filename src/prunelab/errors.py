@@ -8,6 +8,7 @@ what to do. The CLI prints these without a traceback and exits with status 2.
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -46,11 +47,28 @@ class CheckpointError(PrunelabError):
     """A checkpoint file is missing, corrupt, or belongs to another model."""
 
 
-class ConfigError(PrunelabError):
-    """A configuration file that does not validate."""
+class ConfigError(PrunelabError, ValueError):
+    """A configuration (file, flags or a config object built in Python) that does not validate."""
+
+
+class DiskFullError(PrunelabError, OSError):
+    """No space left on the device (or over quota) while writing results: stop, don't retry."""
+
+
+class TrainingDivergedError(PrunelabError):
+    """The training loss became NaN or infinite."""
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:
     """Return ' Did you mean X?' for the closest valid name, or an empty string."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the disk (or the user's quota) is full."""
+    if isinstance(exc, DiskFullError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "database or disk is full" in str(exc)  # SQLite's SQLITE_FULL

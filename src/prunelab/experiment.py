@@ -15,11 +15,12 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from torch import nn
 
 from prunelab import data as datasets
 from prunelab import models
+from prunelab.config import CheckedModel
 from prunelab.errors import PrunelabError
 from prunelab.methods import METHODS, Method
 from prunelab.metrics import evaluate, measure
@@ -37,7 +38,7 @@ ScheduleConfig = strategy_field(SCHEDULES, "one-shot")
 RecoveryConfig = strategy_field(RECOVERIES, "finetune")
 
 
-class LatencyConfig(BaseModel):
+class LatencyConfig(CheckedModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True
     batch_size: int = Field(1, ge=1)
@@ -54,7 +55,7 @@ def auto_preset(dataset: str, stage: str) -> str:
     return "cpu-cifar" if stage == "train" else "cpu-finetune"
 
 
-class ExperimentConfig(BaseModel):
+class ExperimentConfig(CheckedModel):
     """Model, data, recipes, schedule and recovery shared by every run of an experiment."""
 
     model_config = ConfigDict(extra="forbid")
@@ -124,7 +125,7 @@ class ExperimentConfig(BaseModel):
                             "seed": seed} | ({"variant": variant} if variant else {}))
 
 
-class MethodChoice(BaseModel):
+class MethodChoice(CheckedModel):
     """A method with its scope and options, e.g. ``{method: taylor, scope: layer}``."""
 
     model_config = ConfigDict(extra="forbid")

@@ -100,23 +100,31 @@ def run_job(
 
 
 def _check_out(out: Path) -> None:
-    """Fail before training if the results folder cannot be made or written."""
+    """Fail before training if the results folder cannot be made or written. Nothing is created
+    yet: a run that fails leaves no (empty) folder behind."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out {str(out)!r} is a file; give a folder for the results")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the results folder {str(out)!r}: {exc.strerror}"
-                          ) from None
-    if not os.access(out, os.W_OK):
-        raise ConfigError(f"the results folder {str(out)!r} is not writable")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"cannot create the results folder {str(out)!r}: "
+                          f"{str(existing)!r} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"the results folder {str(out)!r} is not writable"
+                          + (f" (nor is {str(existing)!r})" if existing != out else ""))
+
+
+def run_hash(config: RunConfig) -> str:
+    """The hash naming a run's results: its settings, not where its data or results live."""
+    return config_hash(config.model_dump(mode="json", exclude={"out", "data_dir"}))
 
 
 def _write_results(config: RunConfig, rows: list[dict], env: dict) -> Path:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    digest = config_hash(config)
+    digest = run_hash(config)
     final = out / f"{config.name}-{stamp}-{digest}"
     n = 1
     while final.exists():

@@ -10,6 +10,7 @@ from torch import nn
 
 from prunelab.errors import InvalidValueError
 from prunelab.methods import METHODS, LayerSelection, Method
+from prunelab.utils import check_input, input_errors
 
 
 def prune(
@@ -57,6 +58,12 @@ def prune(
         >>> prunelab.prune(model, "magnitude", sparsity=0.9, exclude_first=True)
     >>> prunelab.prune(model, "l1-filter", speedup=2.0)   # channels removed for real
     """
+    if not isinstance(model, nn.Module):
+        raise InvalidValueError(f"prune needs a torch.nn.Module to prune, got "
+                                f"{type(model).__name__}")
+    sample = _first_input(example_input, data)
+    if sample is not None:
+        check_input(model, sample)
     targets = {k: v for k, v in
                (("sparsity", sparsity), ("compression", compression), ("speedup", speedup))
                if v is not None}
@@ -74,5 +81,17 @@ def prune(
         exclude_last=exclude_last,
         layer_sparsity=dict(layer_sparsity or {}),
     )
-    return method.prune(model, value, scope=scope, data=data, selection=selection, target=kind,
-                        example_input=example_input)
+    with input_errors(model, sample if sample is not None else torch.empty(0)):
+        return method.prune(model, value, scope=scope, data=data, selection=selection,
+                            target=kind, example_input=example_input)
+
+
+def _first_input(example_input: torch.Tensor | None, data: Iterable | None) -> Any:
+    """The example input, else the inputs of the first batch of ``data`` when it can be read
+    twice (a list or a loader; a one-shot iterator is left alone)."""
+    if example_input is not None:
+        return example_input
+    if data is None or iter(data) is data:
+        return None
+    batch = next(iter(data), None)
+    return batch[0] if isinstance(batch, (tuple, list)) and batch else batch

@@ -13,14 +13,15 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, TypeVar, Union, get_args
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field
 
+from prunelab.config import CheckedModel
 from prunelab.registry import Registry
 
 S = TypeVar("S", bound="Strategy")
 
 
-class Strategy(BaseModel):
+class Strategy(CheckedModel):
     """Base of schedules and recoveries: ``kind`` names the registered strategy."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

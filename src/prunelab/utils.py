@@ -75,3 +75,56 @@ def progress_enabled(quiet: bool = False) -> bool:
     import sys
 
     return not quiet and sys.stderr.isatty() and os.environ.get("CI", "").lower() != "true"
+
+
+# Fragments of torch's messages for an input a layer cannot take (wrong rank, channels, size).
+_SHAPE_ERRORS = ("shapes cannot be multiplied", "size mismatch", "must match the size",
+                 "channels", "expected input", "Expected", "input size", "Kernel size",
+                 "kernel size", "output size is too small", "invalid for input of size",
+                 "Given groups", "dimension", "same device")
+
+
+def expected_input(model: nn.Module) -> str:
+    """What ``model`` takes, in words: a zoo model's ``input_shape``, else its first layer's
+    input channels or features (empty when unknown)."""
+    shape = getattr(model, "input_shape", None)
+    if shape:
+        return f"(batch, {', '.join(str(d) for d in shape)})"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return f"{module.in_channels} channels (its first layer {name!r} is a convolution)"
+        if isinstance(module, nn.Linear):
+            return f"{module.in_features} features (its first layer {name!r} is a Linear)"
+    return ""
+
+
+def check_input(model: nn.Module, x: object) -> None:
+    """Refuse an input a zoo model cannot take (not a tensor, wrong rank or channels), naming
+    the shape it expects. Other sizes may be fine (global pooling) and are left to the forward."""
+    if not isinstance(x, torch.Tensor):
+        raise InvalidValueError(f"inputs must be tensors, got {type(x).__name__}")
+    shape = tuple(getattr(model, "input_shape", None) or ())
+    if not shape:
+        return
+    name = type(model).__name__
+    if x.dim() != len(shape) + 1 or (len(shape) == 3 and x.shape[1] != shape[0]):
+        hint = (": add the batch dimension (x.unsqueeze(0))" if tuple(x.shape) == shape else "")
+        raise InvalidValueError(f"{name} takes inputs of shape {expected_input(model)}, got "
+                                f"{tuple(x.shape)}{hint}")
+
+
+@contextmanager
+def input_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+    """Turn torch's error for an input the model cannot take into one :class:`InvalidValueError`
+    naming the input's shape and what the model expects (torch's first line kept)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc).strip()
+        if not any(fragment in text for fragment in _SHAPE_ERRORS):
+            raise
+        expected = expected_input(model)
+        wants = f"; it takes {expected}" if expected else ""
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise InvalidValueError(f"{type(model).__name__} cannot run on inputs of shape {shape}"
+                                f"{wants} ({text.splitlines()[0][:300]})") from exc

@@ -1,7 +1,9 @@
 """Where tasks run: local worker processes, or a Ray cluster.
 
 Each yields ``(task, result)`` as tasks finish, and ``drain()`` hands the sweep's display the
-phase messages its workers sent since the last call.
+phase messages its workers sent since the last call. A task starts only once ``claim(task)`` says
+so, right before it would start; a task it refuses (another sweep process has it) is yielded
+as ``(task, None)``. ``close(wait=False)`` stops at once, abandoning the tasks in flight.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from prunelab.bench import worker
 from prunelab.errors import PrunelabError
 
 Task = dict[str, Any]
+Claim = Callable[[Task], bool]
+
+
+def _any_task(task: Task) -> bool:
+    return True
 
 
 def default_threads(jobs: int) -> int:
@@ -44,17 +51,21 @@ class InlineExecutor:
     def drain(self) -> list[tuple[str, str]]:
         return _drained(self._messages)
 
-    def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
+    def run(self, tasks: list[Task], poll: Callable[[], None], claim: Claim = _any_task
+            ) -> Iterator[tuple[Task, dict | None]]:
         threads = torch.get_num_threads()
         try:
             for task in tasks:
+                if not claim(task):
+                    yield task, None
+                    continue
                 result = worker.execute(task)
                 poll()
                 yield task, result
         finally:
             torch.set_num_threads(threads)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         worker.set_progress(worker.ignore_progress)
 
 
@@ -82,32 +93,43 @@ class LocalExecutor:
             self._pool = self._new_pool()
             return self._pool.submit(worker.execute, task)
 
-    def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
-        """Results as tasks finish. When a worker dies (killed, out of memory), the pool breaks
-        and fails every task in it; those are run once more on a fresh pool, and fail only if
-        that breaks too."""
-        for attempt in (1, 2):
-            futures = {self._submit(task): task for task in tasks}
-            pending, broken = set(futures), []
-            while pending:
-                finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                poll()
-                for future in finished:
-                    task = futures[future]
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool as exc:
-                        if attempt == 1:
-                            broken.append(task)
-                            continue
-                        result = {"status": "failed", "error": f"worker process died: {exc}"}
-                    yield task, result
-            if not broken:
-                return
-            tasks = broken
+    def run(self, tasks: list[Task], poll: Callable[[], None], claim: Claim = _any_task
+            ) -> Iterator[tuple[Task, dict | None]]:
+        """Results as tasks finish; at most ``jobs`` tasks are handed to the pool at a time, each
+        claimed just before. When a worker dies (killed, out of memory), the pool breaks and
+        fails every task in it; those are run once more on a fresh pool, and fail only if that
+        breaks too."""
+        waiting = list(reversed(tasks))
+        running: dict[Any, Task] = {}
+        retried: set[str] = set()
+        while waiting or running:
+            while waiting and len(running) < self.jobs:
+                task = waiting.pop()
+                if task["key"] not in retried and not claim(task):
+                    yield task, None
+                    continue
+                running[self._submit(task)] = task
+            if not running:
+                continue
+            finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+            poll()
+            for future in finished:
+                task = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:
+                    if task["key"] not in retried:
+                        retried.add(task["key"])
+                        waiting.append(task)
+                        continue
+                    result = {"status": "failed", "error": f"worker process died: {exc}"}
+                yield task, result
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        if not wait:  # stop now: the runs in flight are abandoned (their claims lapse)
+            for process in list((self._pool._processes or {}).values()):
+                process.terminate()
+        self._pool.shutdown(wait=wait, cancel_futures=True)
         self._messages.close()
 
 
@@ -191,7 +213,8 @@ class RayExecutor:
         self._drained_at = now
         return self.ray.get(self._inbox.take.remote())
 
-    def run(self, tasks: list[Task], poll: Callable[[], None]) -> Iterator[tuple[Task, dict]]:
+    def run(self, tasks: list[Task], poll: Callable[[], None], claim: Claim = _any_task
+            ) -> Iterator[tuple[Task, dict | None]]:
         """Results as tasks finish; each task goes to the next idle actor. When an actor dies
         (killed, out of memory), a fresh one takes its place and runs its task once more; the
         task fails only if that actor dies too."""
@@ -200,8 +223,14 @@ class RayExecutor:
         retried: set[str] = set()
         while waiting or running:
             while waiting and self._idle:
-                task, actor = waiting.pop(), self._idle.pop()
+                task = waiting.pop()
+                if task["key"] not in retried and not claim(task):
+                    yield task, None
+                    continue
+                actor = self._idle.pop()
                 running[actor.execute.remote(task)] = (task, actor)
+            if not running:
+                continue
             finished, _ = self.ray.wait(list(running), num_returns=1, timeout=0.2)
             poll()
             for ref in finished:
@@ -221,7 +250,7 @@ class RayExecutor:
                 self._idle.append(actor)
                 yield task, result
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         self.ray.shutdown()  # the actors belong to this driver: they go with it
 
 

@@ -46,7 +46,7 @@ def load_sweep(folder: str | os.PathLike, sweep: str | None = None
     folder = Path(folder)
     if not (folder / STORE).is_file():
         raise PrunelabError(f"no results store at {str(folder / STORE)!r}; run a sweep first")
-    with ResultStore(folder / STORE) as store:
+    with ResultStore(folder / STORE, readonly=True) as store:
         rows = store.rows()
         failed = store.rows(status="failed")
     specs = saved_specs(folder)
@@ -66,13 +66,22 @@ def load_sweep(folder: str | os.PathLike, sweep: str | None = None
     return rows, failed
 
 
-def write_report(folder: str | os.PathLike, sweep: str | None = None) -> Path:
+def write_report(folder: str | os.PathLike, sweep: str | None = None,
+                 out: str | os.PathLike | None = None) -> Path:
     """Write ``folder/report/index.html`` (+ figures) from ``folder/results.sqlite``
-    (``folder/report-<sweep>`` when a sweep is named)."""
+    (``folder/report-<sweep>`` when a sweep is named; ``out/index.html`` when ``out`` is given).
+    The store is only read, so the results folder may be read-only (with ``out`` elsewhere)."""
     folder = Path(folder)
     rows, failed = load_sweep(folder, sweep)
-    out = folder / ("report" if sweep is None else f"report-{sweep}")
-    out.mkdir(exist_ok=True)
+    out = Path(out) if out is not None else folder / ("report" if sweep is None
+                                                      else f"report-{sweep}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as exc:
+        raise PrunelabError(f"cannot write the report into {str(out)!r} ({exc.strerror}); "
+                            "choose another folder with --out") from None
     figures = _figures(rows, out)
     page = _page(folder, rows, failed, figures)
     tmp = out / f".index.{os.getpid()}.tmp"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from prunelab.bench.store import COLUMNS, ResultStore
 from prunelab.bench.sweep import STORE
@@ -39,14 +40,14 @@ def show_results(folder: Path, filters: Mapping[str, str], *, failed: bool = Fal
         typed = _typed(filters)
     except ValueError as exc:
         raise PrunelabError(f"bad --where value: {exc}") from None
-    with ResultStore(path) as store:
+    with ResultStore(path, readonly=True) as store:
         rows = store.rows(typed, status="failed" if failed else "ok")
     columns = FAILED if failed else SHOWN
     table = Table(title=f"{len(rows)} {'failed ' if failed else ''}runs in {folder}")
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in columns))
+        table.add_row(*(Text(_cell(row.get(c))) for c in columns))  # Text: no markup
     (console or Console()).print(table)
     if csv_path is not None:
         if not Path(csv_path).parent.is_dir():

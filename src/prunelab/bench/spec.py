@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     field_validator,
     model_validator,
 )
 
+from prunelab.config import CheckedModel
 from prunelab.experiment import (
     ExperimentConfig,
     MethodChoice,
@@ -30,7 +30,7 @@ from prunelab.sparsity import check_sparsity
 TargetKind = Literal["sparsity", "compression", "speedup"]
 
 
-class Targets(BaseModel):
+class Targets(CheckedModel):
     """Pruning targets; give one or more kinds. ``speedup`` is a theoretical FLOPs reduction."""
 
     model_config = ConfigDict(extra="forbid")
@@ -61,7 +61,7 @@ class Targets(BaseModel):
                 for v in getattr(self, kind)]
 
 
-class Grid(BaseModel):
+class Grid(CheckedModel):
     """What a sweep varies."""
 
     model_config = ConfigDict(extra="forbid")
@@ -101,7 +101,7 @@ class Grid(BaseModel):
         return value
 
 
-class RunSpec(BaseModel):
+class RunSpec(CheckedModel):
     """One cell of the grid."""
 
     choice: MethodChoice

@@ -20,6 +20,7 @@ import torch
 
 from prunelab.bench.spec import RunSpec, SweepSpec
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
+from prunelab.errors import PrunelabError, is_disk_full
 from prunelab.experiment import DenseModel, Experiment, MethodChoice
 from prunelab.provenance import config_hash, environment
 
@@ -78,8 +79,9 @@ def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str,
     with _locked(path.with_suffix(".lock")):
         if path.is_file():
             payload = read_checkpoint(path)
-            snapshots = {int(e): s for e, s in payload["extra"]["snapshots"].items()}
-            if needed <= set(snapshots):
+            saved = payload["extra"].get("snapshots")
+            snapshots = {int(e): s for e, s in (saved or {}).items()}
+            if saved is not None and "row" in payload["extra"] and needed <= set(snapshots):
                 model = load_state_dict(experiment.new_model(seed), payload["state_dict"])
                 return DenseModel(model, snapshots, payload["extra"]["row"]), False
         dense = experiment.train_dense(seed, needed, choice)
@@ -90,14 +92,17 @@ def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str,
 
 
 def execute(task: dict[str, Any]) -> dict[str, Any]:
-    """Run one task; never raises: a failure becomes a row with ``status = "failed"``."""
+    """Run one task; never raises: a failure becomes a row with ``status = "failed"``.
+
+    Besides the store's columns, a failed row says whether the error was a bad input
+    (``user_error``: a ``PrunelabError``) and whether the disk is full (``disk_full``), and
+    holds the plain ``message``; the store keeps only its columns.
+    """
     started = time.perf_counter()
     spec = SweepSpec.model_validate(task["spec"])
     threads = task.get("threads")
     if threads:
         torch.set_num_threads(threads)
-    base = {"run_key": task["key"], "sweep": spec.name, "config_hash": task["key"],
-            "threads": torch.get_num_threads(), "host": socket.gethostname()}
     try:
         if task["kind"] == "dense":
             choice = MethodChoice.model_validate(task["choice"]) if task.get("choice") else None
@@ -109,14 +114,32 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
             row = _run(Path(task["out"]), spec, RunSpec.model_validate(task["run"]), task["key"])
         row["status"] = "ok"
     except Exception as exc:  # recorded, and the sweep goes on
-        row = {"status": "failed", "error": _describe(exc)}
+        row = {"status": "failed", "error": _describe(exc),
+               "message": str(exc) or type(exc).__name__,
+               "user_error": isinstance(exc, PrunelabError), "disk_full": is_disk_full(exc)}
         if task["kind"] == "run":
             row |= _run_fields(spec, RunSpec.model_validate(task["run"]))
         row.setdefault("seconds", time.perf_counter() - started)
+    return _with_provenance(task, spec, row)
+
+
+def not_run(task: dict[str, Any], dense_row: dict[str, Any]) -> dict[str, Any]:
+    """The failed row of a run that is not attempted because its dense model failed."""
+    spec = SweepSpec.model_validate(task["spec"])
+    message = f"not run: its dense model failed: {dense_row.get('message')}"
+    row = {"status": "failed", "error": message, "message": message, "seconds": 0.0,
+           "user_error": dense_row.get("user_error", False)}
+    return _with_provenance(task, spec, row | _run_fields(spec, RunSpec.model_validate(
+        task["run"])))
+
+
+def _with_provenance(task: dict[str, Any], spec: SweepSpec, row: dict[str, Any]
+                     ) -> dict[str, Any]:
     env = environment()
-    row |= base | {"environment_json": env, "git_commit": env["git_commit"],
-                   "finished_at": env["time_utc"]}
-    return row
+    return row | {"run_key": task["key"], "sweep": spec.name, "config_hash": task["key"],
+                  "threads": torch.get_num_threads(), "host": socket.gethostname(),
+                  "environment_json": env, "git_commit": env["git_commit"],
+                  "finished_at": env["time_utc"]}
 
 
 def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.utils import eval_mode, iter_batches
+from prunelab.errors import InvalidValueError
+from prunelab.utils import check_input, eval_mode, input_errors, iter_batches
 
 
 def evaluate(
@@ -22,9 +23,15 @@ def evaluate(
     correct = {k: 0 for k in topk}
     loss_sum = 0.0
     samples = 0
+    if not isinstance(model, nn.Module):
+        raise InvalidValueError(f"evaluate needs a torch.nn.Module, got {type(model).__name__}")
     with eval_mode(model), torch.inference_mode():
         for x, y in iter_batches(data, model):
-            logits = model(x)
+            if y is None:
+                raise InvalidValueError("evaluate needs labelled batches: (inputs, labels)")
+            check_input(model, x)
+            with input_errors(model, x):
+                logits = model(x)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             ranked = logits.topk(min(max(topk), logits.shape[1]), dim=1).indices
             hits = ranked == y.unsqueeze(1)

@@ -1,4 +1,10 @@
-"""Parameter and non-zero counts, per layer and in total."""
+"""Parameter and non-zero counts, per layer and in total.
+
+"Non-zero" counts what pruning left: zeros count as pruned only where pruning acts, in masked
+tensors and in the weights of prunable layers (Linear, convolutions). Every other parameter
+(biases, normalisation scales and shifts) counts whole, zero or not: a BatchNorm bias that
+happens to be 0 was not pruned, so an unpruned model has compression exactly 1.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
+
+from prunelab.sparsity import PRUNABLE_TYPES
 
 
 def effective_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -32,16 +40,31 @@ def leaf_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def prunable_zeros_count(module: nn.Module, name: str) -> bool:
+    """Whether zeros in ``module``'s tensor ``name`` count as pruned: masked tensors, and the
+    weight of a prunable layer (which may carry baked-in zeros after ``make_permanent``)."""
+    masked = parametrize.is_parametrized(module, name)
+    return masked or (name == "weight" and isinstance(module, PRUNABLE_TYPES))
+
+
+def nonzero_count(module: nn.Module, name: str, tensor: torch.Tensor) -> int:
+    """The parameters of ``tensor`` that pruning left (see the module docstring)."""
+    if prunable_zeros_count(module, name):
+        return int(torch.count_nonzero(tensor))
+    return tensor.numel()
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(all parameters, non-zero parameters) as the forward sees them; shared tensors count once."""
+    """(all parameters, parameters left by pruning) as the forward sees them; shared tensors
+    count once. Zeros count as pruned only in masked tensors and prunable layers' weights."""
     total = nonzero = 0
     seen: set[int] = set()
     with torch.no_grad():
         for _, module in leaf_layers(model):
-            for _, tensor, source in effective_tensors(module):
+            for name, tensor, source in effective_tensors(module):
                 if id(source) in seen:
                     continue
                 seen.add(id(source))
                 total += tensor.numel()
-                nonzero += int(torch.count_nonzero(tensor))
+                nonzero += nonzero_count(module, name, tensor)
     return total, nonzero

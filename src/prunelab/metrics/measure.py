@@ -8,11 +8,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunelab.metrics.counting import count_parameters, effective_tensors, leaf_layers
+from prunelab.errors import InvalidValueError
+from prunelab.metrics.counting import (
+    count_parameters,
+    effective_tensors,
+    leaf_layers,
+    nonzero_count,
+)
 from prunelab.metrics.flops import flops_per_module
 from prunelab.metrics.latency import Latency, measure_latency
 from prunelab.sparsity import PRUNABLE_TYPES
 from prunelab.sparsity.masks import layer_type_name
+from prunelab.utils import check_input, input_errors
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,8 @@ class Measurement:
 
     @property
     def sparsity(self) -> float:
-        """Fraction of all parameters that are zero."""
+        """Fraction of all parameters that pruning removed (zeros of masked or prunable weights;
+        a bias or BatchNorm shift that happens to be 0 was not pruned)."""
         return 1.0 - self.nonzero_params / self.params if self.params else 0.0
 
     @property
@@ -109,14 +117,20 @@ def measure(
     >>> m = measure(model, torch.randn(1, 3, 32, 32))
     >>> m.macs, m.compression, m.theoretical_speedup
     """
+    if not isinstance(model, nn.Module):
+        raise InvalidValueError(f"measure needs a torch.nn.Module, got {type(model).__name__}")
+    first = example_input if isinstance(example_input, torch.Tensor) else None
+    if first is not None:
+        check_input(model, first)
     params, nonzero = count_parameters(model)
-    total_flops, per_module = flops_per_module(model, example_input)
+    with input_errors(model, first if first is not None else example_input):
+        total_flops, per_module = flops_per_module(model, example_input)
     layers = []
     saved = 0.0
     for name, module in leaf_layers(model):
         tensors = list(effective_tensors(module))
         layer_params = sum(t.numel() for _, t, _ in tensors)
-        layer_nonzero = sum(int(torch.count_nonzero(t)) for _, t, _ in tensors)
+        layer_nonzero = sum(nonzero_count(module, n, t) for n, t, _ in tensors)
         flops = per_module.get(name, 0)
         effective = flops
         weight = getattr(module, "weight", None)

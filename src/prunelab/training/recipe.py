@@ -6,15 +6,25 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 from torch import nn
 
+from prunelab.config import CheckedModel
 
-class TrainRecipe(BaseModel):
+
+class TrainRecipe(CheckedModel):
     """How to train (or fine-tune) a model. Every field has a sensible default.
 
     ``milestones`` are fractions of the run at which a ``step`` schedule multiplies the learning
-    rate by ``gamma`` (the Rethinking recipe: ÷10 at 50% and 75%).
+    rate by ``gamma`` (the Rethinking recipe: ÷10 at 50% and 75%). ``on_nonfinite`` says what a
+    NaN or infinite loss does: ``stop`` training with an error naming the epoch and step (the
+    default), or ``skip`` that batch (no update, BatchNorm statistics kept).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -31,6 +41,7 @@ class TrainRecipe(BaseModel):
     gamma: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     channels_last: bool = True
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
     @field_validator("milestones")
     @classmethod
@@ -38,6 +49,15 @@ class TrainRecipe(BaseModel):
         if any(not 0 < m < 1 for m in value) or value != sorted(value):
             raise ValueError("milestones are increasing fractions of the run, each in (0, 1)")
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Leave ``on_nonfinite`` out at its default, so config hashes (the keys of stored
+        results) stay what they were before the field existed."""
+        data = handler(self)
+        if data.get("on_nonfinite") == "stop":
+            del data["on_nonfinite"]
+        return data
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         params = [p for p in model.parameters() if p.requires_grad]

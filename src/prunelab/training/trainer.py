@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
-from prunelab.errors import InvalidValueError
+from prunelab.errors import CheckpointError, InvalidValueError, TrainingDivergedError
 from prunelab.metrics.accuracy import evaluate
 from prunelab.training.recipe import TrainRecipe
-from prunelab.utils import progress_enabled, uses_convolutions
+from prunelab.utils import check_input, input_errors, progress_enabled, uses_convolutions
 
 
 @dataclass
@@ -120,6 +120,10 @@ def train(
     best: tuple[float, dict] | None = None
     if checkpoint is not None and Path(checkpoint).is_file():
         payload = read_checkpoint(checkpoint)
+        if not {"optimizer", "epoch", "history"} <= set(payload["extra"]):
+            raise CheckpointError(
+                f"{str(checkpoint)!r} is not a training checkpoint (it has no optimizer state, "
+                "epoch and history to resume from); give train() another checkpoint path")
         load_state_dict(model, payload["state_dict"])
         optimizer.load_state_dict(payload["extra"]["optimizer"])
         state.epoch = int(payload["extra"]["epoch"])
@@ -130,6 +134,7 @@ def train(
             best = (float(best_top1), best_state)
 
     started = time.perf_counter()
+    start_step = state.step
     for callback in callbacks:
         callback.on_train_begin(state)
     progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
@@ -142,19 +147,33 @@ def train(
             progress.start_epoch(state.epoch)
             if hasattr(train_data, "set_epoch"):  # the shuffle order depends on the epoch only
                 train_data.set_epoch(state.epoch)
+            skipped = 0
             for x, y in train_data:
                 x, y = _to_device(x, y, device, channels_last)
                 for callback in callbacks:
                     callback.on_step_begin(state)
                 set_lr()
                 optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x), y, label_smoothing=recipe.label_smoothing)
+                norm_stats = _norm_statistics(model) if recipe.on_nonfinite == "skip" else None
+                if state.step == start_step:
+                    check_input(model, x)
+                with input_errors(model, x):
+                    logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
                 state.loss = loss
                 total = loss
                 for callback in callbacks:
                     extra = callback.penalty(state)
                     if extra is not None:
                         total = total + extra
+                if not bool(torch.isfinite(total.detach())):
+                    _nonfinite(state, total, description, norm_stats)
+                    skipped += 1
+                    state.step += 1
+                    for callback in callbacks:
+                        callback.on_step_end(state)
+                    progress.advance()
+                    continue
                 total.backward()
                 for callback in callbacks:
                     callback.on_after_backward(state)
@@ -165,6 +184,11 @@ def train(
                 loss_sum += loss.detach() * len(y)
                 samples += len(y)
                 progress.advance()
+            if skipped and not samples:
+                raise TrainingDivergedError(
+                    f"{description}: every batch of epoch {state.epoch + 1} had a non-finite "
+                    "loss (the weights themselves are probably NaN or infinite); lower the "
+                    f"learning rate (lr={recipe.lr:g})")
             state.epoch += 1
             metrics = {
                 "epoch": state.epoch,
@@ -172,6 +196,8 @@ def train(
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.perf_counter() - epoch_start,
             }
+            if skipped:
+                metrics["skipped_batches"] = skipped
             if val_data is not None:
                 val = evaluate(model, val_data, topk=(1,))
                 metrics.update(val_loss=val["loss"], val_top1=val["top1"])
@@ -192,6 +218,30 @@ def train(
         callback.on_train_end(state)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _norm_statistics(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The running statistics of normalisation layers with a copy of each (to undo a batch)."""
+    return [(buffer, buffer.clone()) for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase)
+            for buffer in module.buffers(recurse=False)]
+
+
+def _nonfinite(state: TrainState, total: torch.Tensor, description: str,
+               norm_stats: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+    """A NaN or infinite loss: stop with an error naming where (``on_nonfinite: stop``), or
+    undo the batch's effect on BatchNorm statistics so that it can be skipped (``skip``)."""
+    recipe = state.recipe
+    if norm_stats is None:
+        within = state.step - state.epoch * state.steps_per_epoch
+        raise TrainingDivergedError(
+            f"{description}: the training loss became {float(total.detach()):g} at epoch "
+            f"{state.epoch + 1}/{recipe.epochs}, step {within + 1}/{state.steps_per_epoch} "
+            f"(lr {state.optimizer.param_groups[0]['lr']:.3g}); lower the learning rate, or "
+            "set on_nonfinite: skip in the recipe to skip such batches")
+    with torch.no_grad():
+        for buffer, saved in norm_stats:
+            buffer.copy_(saved)
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
