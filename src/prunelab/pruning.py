@@ -33,7 +33,8 @@ def prune(
     """Prune ``model`` in place with a registered method and return it.
 
     Args:
-        model: any ``nn.Module``; its Linear/Conv/ConvTranspose weights are prunable.
+        model: any ``nn.Module``; its Linear/Conv/Embedding/attention/RNN weights are prunable,
+            and those a custom module declares (:func:`prunelab.sparsity.register_prunable`).
         method: a registered name (``prunelab methods`` lists them) or a method instance.
         sparsity: target fraction of prunable weights that are zero afterwards, in [0, 1)
             (default 0.5); for structured methods, the fraction of channels removed. Weights
@@ -47,7 +48,9 @@ def prune(
         scope: ``"global"`` ranks all layers together (one threshold); ``"layer"`` prunes the
             same fraction of every layer.
         data: iterable of batches (tensors or ``(inputs, labels)``) for data-driven methods.
-        include, exclude: glob patterns on layer names (``"features.*"``) choosing the layers.
+        include, exclude: glob patterns on layer names (``"features.*"``) choosing the layers;
+            a parameter other than ``weight`` is named ``"<module>.<param>"``
+            (``"attn.in_proj_weight"``).
         exclude_first, exclude_last: leave the first / last prunable layer dense.
         layer_sparsity: ``{pattern: sparsity}`` overrides; matching layers are pruned to their
             own ratio and left out of the shared pool.

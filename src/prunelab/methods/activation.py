@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunelab.methods.base import UnstructuredMethod, register_method
-from prunelab.methods.calibration import input_channel_sq_sums, per_weight_input_norm
+from prunelab.methods.calibration import InputObserver, input_observer
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
 
@@ -24,7 +24,12 @@ class ActivationPruning(UnstructuredMethod):
     (the 2-norm over √count): within a layer that is the same ranking as the 2-norm, and across
     layers it keeps a conv's input, summed over every position, from outweighing a linear
     layer's (with the plain 2-norm, global pruning of a CIFAR ResNet-20 at 4x emptied its
-    classifier). Inputs are captured with forward hooks in eval mode. Labels are not needed.
+    classifier). Beyond Linear/Conv: an Embedding's input is one-hot, so row j is weighed by
+    √(frequency of token j); an attention's in-projection rows by the query, key or value input
+    they read; an RNN's first-layer input weights by the input sequence. Tensors whose input is
+    internal (an RNN's recurrent weights, deeper RNN layers) or shared by two modules are refused
+    with the exclusion to use. Inputs are captured with forward hooks in eval mode. Labels are
+    not needed.
     """
 
     needs_data = True
@@ -33,18 +38,20 @@ class ActivationPruning(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
+        observers = [input_observer(w, self.name) for w in weights]  # refuse before any work
+        sums: dict[int, torch.Tensor] = {}
+        rows: dict[int, torch.Tensor | int] = {}
 
-        def recorder(name: str):
-            def hook(module: nn.Module, inputs: tuple) -> None:
-                value = input_channel_sq_sums(module, inputs[0])
-                sums[name] = sums[name] + value if name in sums else value
-                counts[name] = counts.get(name, 0) + inputs[0].numel() // value.numel()
+        def recorder(index: int, observer: InputObserver):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                value, count = observer.collect(args, kwargs)
+                sums[index] = sums[index] + value if index in sums else value
+                rows[index] = rows[index] + count if index in rows else count
 
             return hook
 
-        handles = [w.module.register_forward_pre_hook(recorder(w.name)) for w in weights]
+        handles = [w.module.register_forward_pre_hook(recorder(i, o), with_kwargs=True)
+                   for i, (w, o) in enumerate(zip(weights, observers, strict=True))]
         try:
             with eval_mode(model), torch.no_grad():
                 for x, _ in iter_batches(data, model, self.batches):
@@ -53,10 +60,10 @@ class ActivationPruning(UnstructuredMethod):
             for handle in handles:
                 handle.remove()
         scores = []
-        for w in weights:
-            if w.name not in sums:  # a layer the forward never reached gets no activation credit
+        for i, (w, observer) in enumerate(zip(weights, observers, strict=True)):
+            if i not in sums:  # a layer the forward never reached gets no activation credit
                 scores.append(torch.zeros_like(w.weight, dtype=torch.float32))
                 continue
-            norm = per_weight_input_norm(w.module, (sums[w.name] / counts[w.name]).sqrt())
+            norm = observer.spread((sums[i] / rows[i]).sqrt())
             scores.append(w.weight.detach().float().abs() * norm)
         return scores

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_type_hints
@@ -25,7 +24,6 @@ from prunelab.sparsity import (
     check_sparsity,
     keep_mask_from_scores,
     prunable_weights,
-    set_mask,
     sparsity_for_compression,
 )
 from prunelab.targets import check_target, solve_ratio
@@ -233,10 +231,10 @@ def _groups(
     rest = list(pairs)
     for pattern, value in overrides.items():
         value = check_sparsity(value, f"layer_sparsity[{pattern!r}]")
-        members = [p for p in rest if fnmatch.fnmatchcase(p[0].name, pattern)]
+        members = [p for p in rest if p[0].matches([pattern])]
         if not members:
             raise InvalidValueError(f"layer_sparsity pattern {pattern!r} matches no prunable layer")
-        rest = [p for p in rest if not fnmatch.fnmatchcase(p[0].name, pattern)]
+        rest = [p for p in rest if not p[0].matches([pattern])]
         groups.append((members, value))
     if rest:
         groups.append((rest, None))
@@ -260,4 +258,4 @@ def _install(weight: PrunableWeight, keep: torch.Tensor) -> None:
     old = weight.mask
     if old is not None:
         keep = keep & (old != 0)
-    set_mask(weight.module, keep)
+    weight.set_mask(keep)

@@ -1,9 +1,39 @@
-"""Input statistics for methods that weigh weights by the activations they multiply."""
+"""Input statistics for methods that weigh weights by the activations they multiply.
+
+For a prunable tensor, :func:`input_observer` says which module input the tensor multiplies and
+how an input feature maps onto the tensor's entries: a Linear's column j multiplies input feature
+j, a convolution's kernels multiply input channels, an Embedding's row j multiplies the one-hot
+feature "token j" (so its norm over n lookups is √(count of j)), an attention's fused in-projection
+reads the query with its first third of rows, the key with the second and the value with the last,
+and an RNN's first-layer ``weight_ih`` reads the input sequence. Where the input is internal to the
+module (an RNN's recurrent state, its deeper layers), there is nothing to observe and the caller
+gets a clear error.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from prunelab.errors import InvalidValueError
+from prunelab.sparsity import PrunableWeight
+
+#: ``(args, kwargs)`` of the module's forward -> (sum of squares per input feature, rows seen).
+Collect = Callable[[tuple, dict], tuple[torch.Tensor, torch.Tensor | int]]
+#: Per-feature RMS -> a tensor of the parameter's shape.
+Spread = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class InputObserver:
+    """How to observe the input a prunable tensor multiplies, and map it onto the tensor."""
+
+    collect: Collect
+    spread: Spread
 
 
 def input_channel_sq_sums(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -31,3 +61,90 @@ def per_weight_input_norm(module: nn.Module, channel_norms: torch.Tensor) -> tor
     per_group = channel_norms.view(groups, 1, in_per_group)
     per_out = per_group.expand(groups, out_channels // groups, in_per_group)
     return per_out.reshape(out_channels, in_per_group, *kernel).expand_as(weight)
+
+
+def _features(x: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """Sum of squares per feature of the last dimension, and the number of rows."""
+    rows = x.detach().float().reshape(-1, size)
+    return rows.pow(2).sum(0), rows.shape[0]
+
+
+def _argument(args: tuple, kwargs: dict, index: int, name: str) -> torch.Tensor:
+    return args[index] if len(args) > index else kwargs[name]
+
+
+def _layer(module: nn.Module) -> InputObserver:
+    def collect(args: tuple, kwargs: dict):
+        sums = input_channel_sq_sums(module, args[0])
+        return sums, args[0].numel() // sums.numel()
+
+    return InputObserver(collect, lambda rms: per_weight_input_norm(module, rms))
+
+
+def _embedding(module: nn.Embedding) -> InputObserver:
+    def collect(args: tuple, kwargs: dict):
+        tokens = _argument(args, kwargs, 0, "input").reshape(-1)
+        counts = torch.bincount(tokens, minlength=module.num_embeddings).float()
+        return counts, tokens.numel()  # a one-hot input: its square is itself
+
+    return InputObserver(collect, lambda rms: rms.unsqueeze(1).expand_as(module.weight))
+
+
+def _attention(module: nn.MultiheadAttention, param: str) -> InputObserver:
+    inputs = {"in_proj_weight": ("query", "key", "value"), "q_proj_weight": ("query",),
+              "k_proj_weight": ("key",), "v_proj_weight": ("value",)}[param]
+    positions = {"query": 0, "key": 1, "value": 2}
+    weight = getattr(module, param)
+    width = weight.shape[1]
+
+    def collect(args: tuple, kwargs: dict):
+        sums, rows = [], []
+        for name in inputs:
+            s, n = _features(_argument(args, kwargs, positions[name], name), width)
+            sums.append(s)
+            rows.append(torch.full_like(s, n))
+        return torch.cat(sums), torch.cat(rows)
+
+    def spread(rms: torch.Tensor) -> torch.Tensor:
+        blocks = rms.view(len(inputs), 1, width)  # each block of rows reads its own input
+        rows_per_block = weight.shape[0] // len(inputs)
+        return blocks.expand(len(inputs), rows_per_block, width).reshape(weight.shape)
+
+    return InputObserver(collect, spread)
+
+
+def _rnn_input(module: nn.RNNBase, param: str) -> InputObserver:
+    weight = getattr(module, param)
+
+    def collect(args: tuple, kwargs: dict):
+        x = _argument(args, kwargs, 0, "input")
+        return _features(x.data if isinstance(x, PackedSequence) else x, module.input_size)
+
+    return InputObserver(collect, lambda rms: rms.unsqueeze(0).expand_as(weight))
+
+
+def input_observer(weight: PrunableWeight, method: str = "activation") -> InputObserver:
+    """The observer for ``weight``; a clear error where its input cannot be observed."""
+    module, param = weight.module, weight.param
+    if weight.shared:
+        raise InvalidValueError(
+            f"{method} cannot score {weight.name!r}: the tensor is shared with "
+            f"{', '.join(repr(n) for n in weight.names[1:])}, which multiply different inputs; "
+            f"exclude it (exclude=[{weight.name!r}]) or use another criterion (magnitude, taylor)")
+    if param == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return _layer(module)
+    if param == "weight" and isinstance(module, nn.Embedding):
+        return _embedding(module)
+    if isinstance(module, nn.MultiheadAttention) and param.endswith("proj_weight"):
+        return _attention(module, param)
+    if isinstance(module, nn.RNNBase) and param in ("weight_ih_l0", "weight_ih_l0_reverse"):
+        return _rnn_input(module, param)
+    if isinstance(module, nn.RNNBase):
+        what = "the recurrent state" if param.startswith("weight_hh") else (
+            "the output of the layer below" if param.startswith("weight_ih") else "the cell output")
+        reason = f"it multiplies {what}, computed inside {type(module).__name__}"
+    else:
+        reason = f"it does not know which input {type(module).__name__}.{param} multiplies"
+    raise InvalidValueError(
+        f"{method} cannot score {weight.name!r}: {reason}; exclude it "
+        f"(exclude=[{weight.name!r}]) or use another criterion (magnitude, taylor)")

@@ -41,12 +41,17 @@ class TaylorPruning(UnstructuredMethod):
                 if y is None:
                     raise InvalidValueError("taylor needs labelled calibration batches (x, y)")
                 with parametrize.cached():
-                    tensors = [w.weight for w in weights]  # the exact tensors the forward uses
+                    # The exact tensors the forward uses: each holder's, for a shared tensor.
+                    used = [{id(t): t for t in (getattr(m, p) for _, m, p in w.holders)}
+                            for w in weights]
+                    owners = [i for i, tensors in enumerate(used) for _ in tensors]
                     loss = loss_fn(model(x), y)
-                    found = torch.autograd.grad(loss, tensors, allow_unused=True)
-                    for acc, g in zip(grads, found, strict=True):
-                        if g is not None:  # None: a layer the forward did not use
-                            acc += g.float()
+                    found = torch.autograd.grad(
+                        loss, [t for tensors in used for t in tensors.values()],
+                        allow_unused=True)
+                    for i, g in zip(owners, found, strict=True):
+                        if g is not None:  # None: a holder the forward did not use
+                            grads[i] += g.float()
                 samples += len(y)
         pairs = zip(weights, grads, strict=True)
         return [(w.weight.detach().float() * g / samples).abs() for w, g in pairs]

@@ -1,9 +1,9 @@
 """Parameter and non-zero counts, per layer and in total.
 
 "Non-zero" counts what pruning left: zeros count as pruned only where pruning acts, in masked
-tensors and in the weights of prunable layers (Linear, convolutions). Every other parameter
-(biases, normalisation scales and shifts) counts whole, zero or not: a BatchNorm bias that
-happens to be 0 was not pruned, so an unpruned model has compression exactly 1.
+tensors and in prunable parameters (the weights of Linear, convolutions, embeddings...). Every
+other parameter (biases, normalisation scales and shifts) counts whole, zero or not: a BatchNorm
+bias that happens to be 0 was not pruned, so an unpruned model has compression exactly 1.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from prunelab.sparsity import PRUNABLE_TYPES
+from prunelab.sparsity import prunable_parameter_names
 
 
 def effective_tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -41,10 +41,9 @@ def leaf_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def prunable_zeros_count(module: nn.Module, name: str) -> bool:
-    """Whether zeros in ``module``'s tensor ``name`` count as pruned: masked tensors, and the
-    weight of a prunable layer (which may carry baked-in zeros after ``make_permanent``)."""
-    masked = parametrize.is_parametrized(module, name)
-    return masked or (name == "weight" and isinstance(module, PRUNABLE_TYPES))
+    """Whether zeros in ``module``'s tensor ``name`` count as pruned: masked tensors, and
+    prunable parameters (which may carry baked-in zeros after ``make_permanent``)."""
+    return parametrize.is_parametrized(module, name) or name in prunable_parameter_names(module)
 
 
 def nonzero_count(module: nn.Module, name: str, tensor: torch.Tensor) -> int:

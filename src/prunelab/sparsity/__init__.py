@@ -1,25 +1,28 @@
-"""Masks on weights and sparsity accounting."""
+"""Masks on weights, which parameters are prunable, and sparsity accounting."""
 
 from prunelab.sparsity.masks import (
-    PRUNABLE_TYPES,
-    PrunableWeight,
     WeightMask,
     check_sparsity,
     get_mask,
     make_permanent,
     mask_sparsity,
     masked_modules,
+    masked_parameters,
     original_weight,
     prepare_for_state_dict,
-    prunable_weights,
     remove_masks,
     set_mask,
+)
+from prunelab.sparsity.prunable import (
+    PrunableWeight,
+    prunable_parameter_names,
+    prunable_weights,
+    register_prunable,
     sparsity_for_compression,
 )
 from prunelab.sparsity.select import keep_mask_from_scores
 
 __all__ = [
-    "PRUNABLE_TYPES",
     "PrunableWeight",
     "WeightMask",
     "check_sparsity",
@@ -28,9 +31,12 @@ __all__ = [
     "make_permanent",
     "mask_sparsity",
     "masked_modules",
+    "masked_parameters",
     "original_weight",
     "prepare_for_state_dict",
+    "prunable_parameter_names",
     "prunable_weights",
+    "register_prunable",
     "remove_masks",
     "set_mask",
     "sparsity_for_compression",

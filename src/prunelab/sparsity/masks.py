@@ -1,36 +1,27 @@
 """Binary masks on weights, kept exact through training.
 
-A mask is a :mod:`torch.nn.utils.parametrize` parametrization: the module's ``weight`` becomes
-``original * mask``. Because the optimiser only ever sees ``original``, and the network only ever
-sees the product, a pruned weight is exactly zero after *any* optimiser step (momentum, weight
-decay, Adam...), and removing the mask gives the original weights back. Masks live in the module's
-state dict (``<layer>.parametrizations.weight.0.mask``), so they save and load with the model.
+A mask is a :mod:`torch.nn.utils.parametrize` parametrization: a module's parameter (``weight``,
+``in_proj_weight``, ``weight_hh_l0``...) becomes ``original * mask``. Because the optimiser only
+ever sees ``original``, and the network only ever sees the product, a pruned weight is exactly zero
+after *any* optimiser step (momentum, weight decay, Adam...), and removing the mask gives the
+original weights back. Masks live in the module's
+state dict (``<layer>.parametrizations.<parameter>.0.mask``), so they save and load with the model.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from prunelab.errors import InvalidValueError, NothingToPruneError
+from prunelab.errors import InvalidValueError
 
-#: Layer types whose ``weight`` is prunable by default.
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-)
-
-MASK_KEY = ".parametrizations.weight.0.mask"
+#: A mask's state-dict key: ``<module>.parametrizations.<parameter>.<index>.mask``.
+MASK_KEY = re.compile(r"^(?:(?P<module>.*)\.)?parametrizations\.(?P<param>[^.]+)\.\d+\.mask$")
 
 
 class WeightMask(nn.Module):
@@ -42,31 +33,6 @@ class WeightMask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
-
-
-@dataclass(frozen=True)
-class PrunableWeight:
-    """One prunable weight tensor: the layer's qualified name and the module that owns it."""
-
-    name: str
-    module: nn.Module
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The effective weight (masked, as the network sees it)."""
-        return self.module.weight
-
-    @property
-    def original(self) -> torch.Tensor:
-        """The trainable tensor under the mask (the weight itself when unmasked)."""
-        return original_weight(self.module)
-
-    @property
-    def mask(self) -> torch.Tensor | None:
-        return get_mask(self.module)
-
-    def numel(self) -> int:
-        return self.module.weight.numel()
 
 
 def layer_type_name(module: nn.Module) -> str:
@@ -93,45 +59,6 @@ def check_layer_patterns(layers: list[str], patterns: dict[str, Iterable[str]]) 
                     f"{shown or 'none'}")
 
 
-def prunable_weights(
-    model: nn.Module,
-    *,
-    include: Iterable[str] | None = None,
-    exclude: Iterable[str] = (),
-    exclude_first: bool = False,
-    exclude_last: bool = False,
-    types: tuple[type[nn.Module], ...] = PRUNABLE_TYPES,
-) -> list[PrunableWeight]:
-    """List the weights a method may prune, in module order.
-
-    ``include``/``exclude`` are glob patterns on layer names (``"features.*"``, ``"fc"``);
-    ``exclude_first``/``exclude_last`` drop the first/last prunable layer (often the most
-    sensitive). Biases and normalisation layers are never included.
-    """
-    found = [
-        PrunableWeight(name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, types) and isinstance(getattr(module, "weight", None), torch.Tensor)
-    ]
-    if exclude_first and found:
-        found = found[1:]
-    if exclude_last and found:
-        found = found[:-1]
-    include = list(include) if include is not None else None
-    exclude = list(exclude)
-    check_layer_patterns([w.name for w in found], {"include": include or [], "exclude": exclude})
-    if include is not None:
-        found = [w for w in found if matches_any(w.name, include)]
-    found = [w for w in found if not matches_any(w.name, exclude)]
-    if not found:
-        raise NothingToPruneError(
-            f"{type(model).__name__} has no prunable layer left "
-            f"(prunable types: {', '.join(t.__name__ for t in types)}); "
-            "check the model and the include/exclude options"
-        )
-    return found
-
-
 def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The mask on ``module.<name>``, or None when it is not masked."""
     if not parametrize.is_parametrized(module, name):
@@ -150,11 +77,16 @@ def original_weight(module: nn.Module, name: str = "weight") -> torch.Tensor:
 
 
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
-    """Install ``mask`` (1 = keep, 0 = pruned) on ``module.<name>``, replacing any existing one."""
+    """Install ``mask`` (1 = keep, 0 = pruned) on ``module.<name>``, replacing any existing one.
+
+    This masks one holder; a tensor shared by several modules is masked everywhere through
+    :meth:`prunelab.sparsity.PrunableWeight.set_mask`, which the methods use.
+    """
     weight = getattr(module, name)
     if mask.shape != weight.shape:
         raise InvalidValueError(
-            f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(weight.shape)}"
+            f"mask shape {tuple(mask.shape)} does not match the shape {tuple(weight.shape)} of "
+            f"{type(module).__name__}.{name}"
         )
     mask = mask.detach().to(device=weight.device, dtype=weight.dtype)
     existing = get_mask(module, name)
@@ -162,11 +94,43 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> Non
         existing.copy_(mask)
     else:
         parametrize.register_parametrization(module, name, WeightMask(mask))
+        if isinstance(module, nn.RNNBase):
+            _copyable_rnn(type(module))
+
+
+def _copyable_rnn(cls: type[nn.Module]) -> None:
+    """Let a masked RNN be deep-copied after a forward pass.
+
+    An RNN keeps the tensors its last forward used in ``_flat_weights``; for a masked weight that
+    is ``original * mask`` with its autograd history, which ``copy.deepcopy`` refuses. The copy
+    first refreshes them without history (the next forward refreshes them again anyway).
+    """
+    if getattr(cls, "_copies_flat_weights", False):
+        return
+    copy_module = cls.__deepcopy__
+
+    def deepcopy(self: nn.RNNBase, memo: dict) -> nn.RNNBase:
+        with torch.no_grad():
+            self._init_flat_weights()
+        return copy_module(self, memo)
+
+    cls.__deepcopy__ = deepcopy
+    cls._copies_flat_weights = True
+
+
+def masked_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, parameter name) of every masked parameter, in module order."""
+    return [(name, module, param) for name, module in model.named_modules()
+            if parametrize.is_parametrized(module)
+            for param in module.parametrizations if get_mask(module, param) is not None]
 
 
 def masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """All (name, module) pairs whose weight carries a mask."""
-    return [(n, m) for n, m in model.named_modules() if get_mask(m) is not None]
+    """All (name, module) pairs with at least one masked parameter."""
+    seen: dict[str, nn.Module] = {}
+    for name, module, _ in masked_parameters(model):
+        seen.setdefault(name, module)
+    return list(seen.items())
 
 
 def _own_class(module: nn.Module) -> None:
@@ -182,11 +146,14 @@ def _own_class(module: nn.Module) -> None:
 
 
 def _strip_masks(model: nn.Module, keep_pruned: bool) -> nn.Module:
-    for _, module in masked_modules(model):
-        _own_class(module)
-        plist = module.parametrizations["weight"]
+    owned: set[int] = set()
+    for _, module, param in masked_parameters(model):
+        if id(module) not in owned:
+            _own_class(module)
+            owned.add(id(module))
+        plist = module.parametrizations[param]
         if len(plist) == 1:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=keep_pruned)
+            parametrize.remove_parametrizations(module, param, leave_parametrized=keep_pruned)
             continue
         # Another parametrization shares the weight: fold the mask into the original instead.
         index = next(i for i, p in enumerate(plist) if isinstance(p, WeightMask))
@@ -208,28 +175,34 @@ def remove_masks(model: nn.Module) -> nn.Module:
 
 
 def prepare_for_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Install empty masks on every layer the state dict has a mask for, so it can be loaded.
+    """Install empty masks on every parameter the state dict has a mask for, so it can be loaded.
 
     ``model.load_state_dict`` alone fails on a pruned checkpoint because a fresh model has no
     parametrizations yet; :func:`prunelab.load_state_dict` calls this first.
     """
     modules = dict(model.named_modules())
     for key in state_dict:
-        if not key.endswith(MASK_KEY):
+        found = MASK_KEY.match(key)
+        if found is None:
             continue
-        layer = key[: -len(MASK_KEY)]
-        module = modules.get(layer)
-        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        module = modules.get(found["module"] or "")
+        param = found["param"]
+        if module is None or not isinstance(getattr(module, param, None), torch.Tensor):
             continue  # load_state_dict reports the unexpected key itself
-        if get_mask(module) is None:
-            set_mask(module, torch.ones_like(module.weight))
+        if get_mask(module, param) is None:
+            set_mask(module, torch.ones_like(getattr(module, param)), param)
 
 
 def mask_sparsity(model: nn.Module) -> float:
-    """Fraction of masked-out entries over all masked weights (0.0 when nothing is masked)."""
+    """Fraction of masked-out entries over all masked tensors (0.0 when nothing is masked); a
+    tensor shared by several modules counts once."""
     total = pruned = 0
-    for _, module in masked_modules(model):
-        mask = get_mask(module)
+    seen: set[int] = set()
+    for _, module, param in masked_parameters(model):
+        if id(original_weight(module, param)) in seen:
+            continue
+        seen.add(id(original_weight(module, param)))
+        mask = get_mask(module, param)
         total += mask.numel()
         pruned += int((mask == 0).sum())
     return pruned / total if total else 0.0
@@ -247,25 +220,3 @@ def check_sparsity(value: float, what: str = "sparsity") -> float:
             "for a compression ratio c use sparsity = 1 - 1/c"
         )
     return value
-
-
-def sparsity_for_compression(model: nn.Module, compression: float, **selection) -> float:
-    """The sparsity of the prunable weights that makes ``params / non-zeros == compression``.
-
-    Compression counts every parameter (biases, normalisation, layers left dense), as ShrinkBench
-    does, so a compression target asks more of the prunable weights than ``1 - 1/c``. Keyword
-    arguments select the prunable layers as in :func:`prunable_weights`.
-    """
-    if not compression >= 1.0:
-        raise InvalidValueError(f"compression must be >= 1 (params / non-zeros), got {compression}")
-    total = sum(p.numel() for p in model.parameters())
-    prunable = sum(w.numel() for w in prunable_weights(model, **selection))
-    fixed = total - prunable  # never pruned, always counted as non-zero
-    target_nonzero = total / compression
-    if target_nonzero < fixed:
-        reachable = total / max(fixed, 1)
-        raise InvalidValueError(
-            f"compression {compression}x is out of reach: {fixed:,} parameters are not prunable, "
-            f"so at most {reachable:.1f}x is possible"
-        )
-    return check_sparsity(1.0 - (target_nonzero - fixed) / prunable, "sparsity for compression")
