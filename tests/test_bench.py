@@ -154,12 +154,14 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
     summary = run_sweep(spec, tmp_path, quiet=True)
     assert (summary.ok, summary.failed) == (4, 0)
     rows = {r["recovery"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
-    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind"}
+    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind(rewind_epoch=1)"}
     assert all(r["achieved_sparsity"] == pytest.approx(0.75, abs=1e-3) for r in rows.values())
 
 
-@pytest.mark.parametrize(("sparsity", "epochs"), [(0.3, 5), (0.75, 6)])
-def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) -> None:
+@pytest.mark.parametrize(("sparsity", "cap", "epochs"), [(0.3, None, 5), (0.75, None, 12),
+                                                         (0.75, 2.0, 6)])
+def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, cap: float | None,
+                                                  epochs: int) -> None:
     from prunelab.experiment import Experiment, MethodChoice
     from prunelab.recoveries import RECOVERIES
 
@@ -168,8 +170,8 @@ def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) 
     experiment = Experiment(spec, on_phase=phases.append)
     dense = experiment.train_dense(0)
     experiment.prune_and_recover(dense, MethodChoice(method="magnitude"), "sparsity", sparsity,
-                                 0, RECOVERIES.get("scratch-b")())
-    # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x capped at 2x -> 6 epochs).
+                                 0, RECOVERIES.get("scratch-b")(scratch_b_cap=cap))
+    # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x -> 12, capped at 2x -> 6 epochs).
     assert phases[-1] == f"scratch-b epoch {epochs}/{epochs}"
 
 
