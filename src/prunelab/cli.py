@@ -52,6 +52,9 @@ def run(
     recovery: Annotated[str | None, typer.Option(
         help="after pruning: finetune, rewind, scratch-e, scratch-b, none, ... "
              "(`prunelab methods` lists all)")] = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="start from the shipped reference model of --model on --dataset "
+                             "instead of training it (`prunelab models` lists them)")] = False,
     epochs: Annotated[int | None, typer.Option(help="dense training epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
@@ -70,6 +73,7 @@ def run(
         for key, value in dict(
             model=model, dataset=dataset, method=method, scope=scope, seed=seed,
             data_dir=data_dir, out=out, sparsities=_floats(sparsity),
+            dense="pretrained" if pretrained else None,
         ).items()
         if value is not None
     }
@@ -166,10 +170,19 @@ def list_models() -> None:
     table = Table(title="model zoo")
     table.add_column("name")
     table.add_column("description")
+    from prunelab.models.pretrained import available
+
+    shipped: dict[str, list[str]] = {}
+    for key, info in available().items():
+        name, dataset = key.split("/")
+        shipped.setdefault(name, []).append(f"{dataset} ({info['test_top1']:.2f}% test top-1)")
+    table.add_column("pretrained (shipped)")
     for name in zoo.names():
-        table.add_row(name, zoo.describe(name))
+        table.add_row(name, zoo.describe(name), ", ".join(shipped.get(name, [])) or "–")
     console.print(table)
-    console.print("Any torchvision classification model also works by name, e.g. resnet50.")
+    console.print("Any torchvision classification model also works by name, e.g. resnet50. "
+                  "Shipped weights: create(name, pretrained=dataset), `prunelab run "
+                  "--pretrained`, or `dense: pretrained` in a spec.")
 
 
 @app.command()
