@@ -247,6 +247,28 @@ def inspect(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a prunelab checkpoint (.pt)")],
+    out: Annotated[Path, typer.Option(help="where to write the ONNX file")],
+    batch_size: Annotated[int, typer.Option(help="batch size of the example input")] = 1,
+) -> None:
+    """Export a checkpoint for serving: masks baked, BatchNorm folded, ONNX, output-checked."""
+    import torch
+
+    from prunelab import models as zoo
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.deploy import deploy
+
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    net, payload = load_checkpoint(checkpoint)
+    shape = payload["model"].get("kwargs", {}).get("input_shape") or zoo.default_input_shape(net)
+    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    deployed = deploy(net, example, backend="onnxruntime", onnx_path=out)
+    console.print(Text(deployed.summary()))
+
+
+@app.command()
 def sweep(
     spec: Annotated[Path, typer.Argument(help="sweep spec (YAML), e.g. examples/*.yaml")],
     out: Annotated[Path, typer.Option("--out", "-o", help="results folder (resumable)")],
