@@ -34,9 +34,10 @@ def test_wheel_installs_into_a_fresh_environment_and_runs(tmp_path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site_dir), str(wheel)], check=True, timeout=300)
     out = tmp_path / "out"
-    run = subprocess.run([str(python), "-m", "prunelab", "run", "-q", "--sparsity", "0.5",
-                          "--epochs", "2", "--finetune-epochs", "1", "--out", str(out)], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    command = [str(python), "-m", "prunelab", "run", "-q", "--sparsity", "0.5", "--epochs", "2",
+               "--finetune-epochs", "1", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert run.returncode == 0, run.stderr
     located = subprocess.run([str(python), "-c", "import prunelab; print(prunelab.__file__)"],
                              capture_output=True, text=True, check=True).stdout
