@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint browser
+.PHONY: demo test lint browser docs
 
 demo: $(VENV)/.installed
 	$(BIN)/prunelab run
@@ -18,6 +18,9 @@ browser:
 	  && { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 \
 	  && apt-get install -y -q chromium >/dev/null 2>&1; }; } } \
 	  || echo "note: chromium is not installed; the report's browser test will be skipped"
+
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks scripts
