@@ -1,0 +1,81 @@
+"""The removal check: a smaller model must compute what the masked model computes.
+
+Removing a channel group is right exactly when the smaller model's output equals that of the
+original model with the same channels *zeroed* (the producing filters, their biases and the
+BatchNorm scales and shifts after them). That is checked on the example input after every
+removal, with one forward of each model: a removal the dependency graph got wrong (a channel
+shuffle, a reshape that mixes channels, a grouped convolution) gives a model that runs but
+computes something else, and is refused by name instead of returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+#: Relative tolerance of the check: |pruned - masked| <= RTOL * max|masked| + ATOL. Float32
+#: summation order differs between the two models; a wrong removal is off by far more.
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def zeroable(module: nn.Module) -> bool:
+    """Whether zeroing an output channel of ``module`` is how the masked model is made."""
+    if isinstance(module, _BatchNorm):
+        return True
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return not module.transposed
+    return isinstance(module, nn.Linear)
+
+
+@contextmanager
+def channels_zeroed(zeros: list[tuple[nn.Module, list[int]]]) -> Iterator[None]:
+    """Zero output channels ``idxs`` of each module (weights, bias; a BatchNorm's scale and
+    shift, or its running mean when it has none) for the duration, then restore them."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for module, idxs in zeros:
+            tensors = [module.weight, module.bias]
+            if isinstance(module, _BatchNorm) and module.weight is None:
+                tensors = [module.running_mean]
+            for tensor in tensors:
+                if tensor is not None:
+                    saved.append((tensor, tensor.detach().clone()))
+                    tensor[idxs] = 0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in saved:
+                tensor.copy_(value)
+
+
+def outputs(model: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
+    """The model's output tensors on ``example`` in eval mode (a tuple or dict flattened)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example)
+    finally:
+        model.train(was_training)
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, torch.Tensor):
+        out = [out]
+    return [o.detach().float() for o in out if isinstance(o, torch.Tensor)]
+
+
+def mismatch(pruned: list[torch.Tensor], masked: list[torch.Tensor]) -> str | None:
+    """None when the outputs agree to float tolerance, else how they differ."""
+    if [p.shape for p in pruned] != [m.shape for m in masked]:
+        return (f"output shapes {[tuple(p.shape) for p in pruned]} instead of "
+                f"{[tuple(m.shape) for m in masked]}")
+    for p, m in zip(pruned, masked, strict=True):
+        scale = float(m.abs().max()) if m.numel() else 0.0
+        diff = float((p - m).abs().max()) if m.numel() else 0.0
+        if not diff <= RTOL * scale + ATOL:  # NaN counts as a mismatch
+            return f"output off by {diff:.3g} at output scale {scale:.3g}"
+    return None
