@@ -184,3 +184,27 @@ def test_an_unmaskable_plan_is_refused_before_anything_changes() -> None:
         warnings.simplefilter("ignore")
         apply_plan(model, {"a": [0, 1]}, torch.randn(4, 6))
     assert model.a.out_features == 8 and model.norm.normalized_shape == (8,)
+
+
+TORCHVISION = ["resnet18", "mobilenet_v2", "mobilenet_v3_small", "densenet121",
+               "efficientnet_b0", "regnet_x_400mf", "shufflenet_v2_x1_0", "squeezenet1_1",
+               "googlenet", "convnext_tiny", "vit_b_16"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_torchvision_models_are_channel_pruned_and_checked(name: str) -> None:
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    x = torch.randn(1, 3, *((224, 224) if name == "vit_b_16" else (64, 64)))
+    params = count_parameters(model)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prunelab.prune(model, "l2-channel", 0.3, example_input=x)
+    check = structure_of(model)[-1]["check"]  # the removal check ran and passed
+    assert check["max_diff"] <= 1e-4 * check["scale"] + 1e-6
+    assert count_parameters(model)[0] < 0.9 * params
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)

@@ -68,14 +68,21 @@ def outputs(model: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
     return [o.detach().float() for o in out if isinstance(o, torch.Tensor)]
 
 
+def difference(pruned: list[torch.Tensor], masked: list[torch.Tensor]) -> dict[str, float]:
+    """The largest |pruned - masked| and the largest |masked| over the outputs (same shapes)."""
+    diff = max((float((p - m).abs().max()) for p, m in zip(pruned, masked, strict=True)
+                if m.numel()), default=0.0)
+    scale = max((float(m.abs().max()) for m in masked if m.numel()), default=0.0)
+    return {"max_diff": diff, "scale": scale}
+
+
 def mismatch(pruned: list[torch.Tensor], masked: list[torch.Tensor]) -> str | None:
     """None when the outputs agree to float tolerance, else how they differ."""
     if [p.shape for p in pruned] != [m.shape for m in masked]:
         return (f"output shapes {[tuple(p.shape) for p in pruned]} instead of "
                 f"{[tuple(m.shape) for m in masked]}")
     for p, m in zip(pruned, masked, strict=True):
-        scale = float(m.abs().max()) if m.numel() else 0.0
-        diff = float((p - m).abs().max()) if m.numel() else 0.0
-        if not diff <= RTOL * scale + ATOL:  # NaN counts as a mismatch
-            return f"output off by {diff:.3g} at output scale {scale:.3g}"
+        found = difference([p], [m])
+        if not found["max_diff"] <= RTOL * found["scale"] + ATOL:  # NaN is a mismatch too
+            return f"output off by {found['max_diff']:.3g} at output scale {found['scale']:.3g}"
     return None

@@ -24,7 +24,7 @@ from torch_pruning.dependency import index_mapping
 
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.sparsity import masked_modules
-from prunelab.structured.check import channels_zeroed, mismatch, outputs, zeroable
+from prunelab.structured.check import channels_zeroed, difference, mismatch, outputs, zeroable
 from prunelab.utils import iter_batches
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -282,7 +282,7 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: torch.Tens
         names = {m: n for n, m in model.named_modules()}
         ignored_names = [names[m] for m in ignored]
         backup = copy.deepcopy(model)
-        problem = _remove_checked(model, plan, example, ignored_names)
+        problem, checked = _remove_checked(model, plan, example, ignored_names)
         if problem is not None:
             _restore(model, backup)
             _refuse(backup, plan, example, ignored_names, problem)
@@ -290,20 +290,22 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: torch.Tens
     if history is None:
         history = []
         setattr(model, STRUCTURE_ATTR, history)
-    history.append({"plan": plan, "input_shape": list(example.shape[1:])})
+    history.append({"plan": plan, "input_shape": list(example.shape[1:]),
+                    **({"check": checked} if check else {})})
     return model
 
 
 def _remove_checked(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
-                    ignored: list[str]) -> str | None:
-    """Remove ``plan`` from ``model`` in place; None if the result equals the masked model,
-    else what went wrong (the model is then left half-changed: restore it)."""
+                    ignored: list[str]) -> tuple[str | None, dict[str, float]]:
+    """Remove ``plan`` from ``model`` in place. Returns what went wrong (None if the result
+    equals the masked model; else restore the half-changed model) and the measured difference.
+    """
     modules = dict(model.named_modules())
     graph = Graph(model, example, [modules[n] for n in ignored])
     try:
         zeros = [z for root, idxs in plan.items() for z in graph.zeros(root, idxs)]
     except _Unchecked as exc:
-        return f"{exc}: removing some is not the same as zeroing them"
+        return f"{exc}: removing some is not the same as zeroing them", {}
     with channels_zeroed(zeros):
         masked = outputs(model, example)
     try:
@@ -311,9 +313,11 @@ def _remove_checked(model: nn.Module, plan: dict[str, list[int]], example: torch
             graph.remove(root, idxs)
         pruned = outputs(model, example)
     except Exception as exc:  # torch-pruning refused, or the smaller model does not run
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", {}
     found = mismatch(pruned, masked)
-    return None if found is None else f"the smaller model computes something else ({found})"
+    if found is not None:
+        return f"the smaller model computes something else ({found})", {}
+    return None, difference(pruned, masked)
 
 
 def _restore(model: nn.Module, backup: nn.Module) -> None:
@@ -325,8 +329,8 @@ def _restore(model: nn.Module, backup: nn.Module) -> None:
 def _refuse(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
             ignored: list[str], problem: str) -> None:
     """Raise naming the roots whose removal alone is wrong (all of them if none is alone)."""
-    at_fault = [root for root in plan
-                if _remove_checked(copy.deepcopy(model), {root: plan[root]}, example, ignored)]
+    at_fault = [root for root in plan if _remove_checked(copy.deepcopy(model), {root: plan[root]},
+                                                         example, ignored)[0] is not None]
     roots = at_fault or list(plan)
     named = ", ".join(map(repr, roots[:8])) + (f" and {len(roots) - 8} more" if len(roots) > 8
                                                else "")
