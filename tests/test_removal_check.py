@@ -208,3 +208,15 @@ def test_torchvision_models_are_channel_pruned_and_checked(name: str) -> None:
     assert count_parameters(model)[0] < 0.9 * params
     with torch.no_grad():
         assert model(x).shape == (1, 1000)
+
+
+def test_a_reloaded_model_keeps_its_reference_for_later_targets(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = prunelab.models.create("resnet20").eval()
+    dense = count_parameters(model)[0]
+    prunelab.prune(model, "l2-channel", compression=1.5)
+    prunelab.save_checkpoint(tmp_path / "a.pt", model, model_name="resnet20")
+    loaded, _ = prunelab.load_checkpoint(tmp_path / "a.pt")
+    assert structure_of(loaded)[0]["reference"]["params"] == dense
+    prunelab.prune(loaded, "l2-channel", compression=2.0)
+    assert dense / count_parameters(loaded)[0] == pytest.approx(2.0, rel=0.05)

@@ -345,6 +345,8 @@ def replay_structure(model: nn.Module, history: list[dict]) -> nn.Module:
     """Repeat recorded removals on a freshly built model, giving it the pruned architecture."""
     for step in history:
         apply_plan(model, step["plan"], torch.zeros(1, *step["input_shape"]))
+        if "reference" in step:  # the original's size, which later targets are relative to
+            getattr(model, STRUCTURE_ATTR)[-1]["reference"] = step["reference"]
     return model
 
 
