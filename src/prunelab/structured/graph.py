@@ -24,7 +24,14 @@ from torch_pruning.dependency import index_mapping
 
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.sparsity import masked_modules
-from prunelab.structured.check import channels_zeroed, difference, mismatch, outputs, zeroable
+from prunelab.structured.check import (
+    channels_zeroed,
+    difference,
+    mismatch,
+    outputs,
+    without,
+    zeroable,
+)
 from prunelab.utils import iter_batches
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -239,9 +246,12 @@ class Graph:
         """Physically remove channels ``idxs`` of the group rooted at layer ``root``."""
         self._group(root, idxs).prune()
 
-    def zeros(self, root: str, idxs: Iterable[int]) -> list[tuple[nn.Module, list[int]]]:
-        """The output channels to zero for the masked equivalent of removing ``idxs``; raises
-        when a layer of the group has channels that cannot be zeroed that way."""
+    def zeros(self, root: str, idxs: Iterable[int],
+              reads: dict[nn.Module, list[int]] | None = None
+              ) -> list[tuple[nn.Module, list[int]]]:
+        """The output channels to zero for the masked equivalent of removing ``idxs`` (and, in
+        ``reads``, the input channels each reader loses); raises when a layer of the group has
+        channels that cannot be zeroed that way."""
         found = []
         for item in self._group(root, idxs).items:
             module = item.dep.target.module
@@ -254,6 +264,8 @@ class Graph:
                 continue
             if self.graph.is_out_channel_pruning_fn(item.dep.handler):
                 found.append((module, [int(i) for i in item.idxs]))
+            elif reads is not None:
+                reads.setdefault(module, []).extend(int(i) for i in item.idxs)
         return found
 
 
@@ -302,16 +314,19 @@ def _remove_checked(model: nn.Module, plan: dict[str, list[int]], example: torch
     """
     modules = dict(model.named_modules())
     graph = Graph(model, example, [modules[n] for n in ignored])
+    reads: dict[nn.Module, list[int]] = {}
     try:
-        zeros = [z for root, idxs in plan.items() for z in graph.zeros(root, idxs)]
+        zeros = [z for root, idxs in plan.items() for z in graph.zeros(root, idxs, reads)]
     except _Unchecked as exc:
         return f"{exc}: removing some is not the same as zeroing them", {}
     with channels_zeroed(zeros):
-        masked = outputs(model, example)
+        masked, head = outputs(model, example)
+    if head is not None:
+        masked[-1] = without(masked[-1], head, reads.get(head, []))
     try:
         for root, idxs in plan.items():
             graph.remove(root, idxs)
-        pruned = outputs(model, example)
+        pruned, _ = outputs(model, example, head)
     except Exception as exc:  # torch-pruning refused, or the smaller model does not run
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", {}
     found = mismatch(pruned, masked)
