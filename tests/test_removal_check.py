@@ -208,6 +208,9 @@ def test_torchvision_models_are_channel_pruned_and_checked(name: str) -> None:
     assert count_parameters(model)[0] < 0.9 * params
     with torch.no_grad():
         assert model(x).shape == (1, 1000)
+    for attention in (m for m in model.modules() if isinstance(m, nn.MultiheadAttention)):
+        # heads are not pruned: the projection width is the residual width (a LayerNorm's)
+        assert (attention.embed_dim, attention.num_heads, attention.head_dim) == (768, 12, 64)
 
 
 def test_a_reloaded_model_keeps_its_reference_for_later_targets(tmp_path) -> None:
