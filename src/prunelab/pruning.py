@@ -39,7 +39,9 @@ def prune(
         sparsity: target fraction of prunable weights that are zero afterwards, in [0, 1)
             (default 0.5); for structured methods, the fraction of channels removed. Weights
             pruned earlier stay pruned and count toward the target, so calling ``prune``
-            repeatedly with rising targets is iterative pruning.
+            repeatedly with rising targets is iterative pruning; for structured methods every
+            target (channels, compression, speedup) is relative to the model before its first
+            removal, recorded on the model, so a repeated call prunes on to it.
         compression: instead of a sparsity, reach params / non-zero params = ``compression``.
         speedup: instead of a sparsity, reach dense FLOPs / pruned FLOPs = ``speedup``.
         example_input: an input batch for methods that trace or measure the model (structured

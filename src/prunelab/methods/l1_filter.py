@@ -56,6 +56,7 @@ class L1FilterPruning(StructuredMethod):
     """
 
     preset: str | None = None
+    rejects = "as in the paper, channels tied across a residual addition stay"
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:

@@ -67,8 +67,16 @@ class BNScaleAPG(Callback):
                 gamma.grad = None
 
 
+def _has_scales(group: ChannelGroup) -> bool:
+    return any(m.side == "out" and m.module.weight is not None for m in group.norms)
+
+
+NO_SCALES = ("it ranks channels by the scale of the BatchNorm after them, and these have none "
+             "(use l1-filter or l2-channel for a model without BatchNorm)")
+
+
 def _bn_scale_scores(groups: list[ChannelGroup]) -> list[torch.Tensor]:
-    """Sum of |γ| over each group's BatchNorms (zero for channels without one)."""
+    """Sum of |γ| over each group's BatchNorms."""
     return [
         per_channel_sum(g, [m for m in g.norms if m.side == "out" and m.module.weight is not None],
                         lambda member: member.module.weight.abs())
@@ -84,11 +92,15 @@ class NetworkSlimming(StructuredMethod):
     Train with the L1 penalty ``l1 · Σ|γ|`` (the paper: 1e-4 for VGG, 1e-5 for ResNet/DenseNet;
     ``training_callbacks`` gives the callback, and the benchmark runner trains with it), then
     remove the channels under one global |γ| threshold and fine-tune. Channels without a
-    BatchNorm score zero.
+    BatchNorm stay (a model without any is refused).
     """
 
     comparable_across_layers = True
+    rejects = NO_SCALES
     l1: float = 1e-4
+
+    def accepts(self, group: ChannelGroup) -> bool:
+        return _has_scales(group)
 
     def training_callbacks(self) -> list[Callback]:
         return [BNScaleL1(self.l1)]
@@ -110,8 +122,12 @@ class SparseStructureSelection(StructuredMethod):
     """
 
     comparable_across_layers = True
+    rejects = NO_SCALES
     strength: float = 1e-4
     momentum: float = 0.9
+
+    def accepts(self, group: ChannelGroup) -> bool:
+        return _has_scales(group)
 
     def training_callbacks(self) -> list[Callback]:
         return [BNScaleAPG(self.strength, self.momentum)]

@@ -10,6 +10,9 @@ removal plan can be applied to a copy, replayed after loading a checkpoint, and 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,14 +20,38 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import index_mapping
 
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.sparsity import masked_modules
+from prunelab.structured.check import (
+    channels_zeroed,
+    difference,
+    mismatch,
+    outputs,
+    without,
+    zeroable,
+)
 from prunelab.utils import iter_batches
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 STRUCTURE_ATTR = "_prunelab_structure"  # removal history kept on the model, saved with it
+_reshape_mapping = index_mapping.update_reshape_index_mapping
+
+
+def _tolerant_reshape_mapping(graph, node) -> None:
+    """torch-pruning's reshape index mapping, leaving a reshape it cannot size unmapped.
+
+    A channel shuffle (ShuffleNet) makes it divide by a channel count it inferred as 0 and the
+    whole trace fails; left unmapped, the groups through that reshape may come out wrong, and
+    the removal check refuses exactly those by name.
+    """
+    with contextlib.suppress(ZeroDivisionError):
+        _reshape_mapping(graph, node)
+
+
+index_mapping.update_reshape_index_mapping = _tolerant_reshape_mapping
 
 
 @dataclass
@@ -74,6 +101,30 @@ class ChannelGroup:
     def coupled(self) -> bool:
         """True when several layers produce these channels (a residual addition, say)."""
         return len(self.producers) > 1
+
+    @property
+    def conv_groups(self) -> int:
+        """The number of blocks a grouped (not depthwise) convolution splits these channels
+        into (1 when there is none): removals must take the same positions in every block."""
+        blocks = 1
+        for m in self.members:
+            conv = m.module
+            if isinstance(conv, nn.modules.conv._ConvNd) and 1 < conv.groups < conv.in_channels:
+                blocks = math.lcm(blocks, conv.groups)
+        return blocks
+
+    @property
+    def blocker(self) -> str | None:
+        """Why removing these channels cannot equal zeroing them, or None.
+
+        A LayerNorm or GroupNorm normalises the channels together (removing some changes the
+        statistics of the rest); an attention layer splits them into heads.
+        """
+        for m in self.members:
+            if not zeroable(m.module) and any(True for _ in m.module.parameters(recurse=False)):
+                return (f"{type(m.module).__name__} {m.name!r} uses these channels together "
+                        "(removing some is not the same as zeroing them)")
+        return None
 
 
 def as_example(model: nn.Module, example_input: torch.Tensor | None,
@@ -125,7 +176,7 @@ class Graph:
         was_training = model.training
         model.eval()
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), torch.enable_grad():  # it traces through autograd
                 warnings.simplefilter("ignore")
                 self.graph = tp.DependencyGraph().build_dependency(
                     model, example_inputs=example, verbose=False
@@ -140,11 +191,13 @@ class Graph:
         self.ignored = list(ignored)
 
     def groups(self) -> list[ChannelGroup]:
-        """Every prunable channel group, rooted at a Conv/Linear output, in module order."""
-        tp_groups = self.graph.get_all_groups(ignored_layers=self.ignored,
-                                              root_module_types=ROOT_TYPES)
+        """Every prunable channel group, rooted at a Conv/Linear output, in module order.
+
+        Roots whose group torch-pruning cannot index (channels that pass a channel shuffle
+        into a concatenation) are left whole and listed in ``self.untraceable``.
+        """
         found = []
-        for group in tp_groups:
+        for group in self._tp_groups():
             members = []
             for item in group.items:
                 module = item.dep.target.module
@@ -160,40 +213,165 @@ class Graph:
         order = {name: i for i, name in enumerate(self.names.values())}
         return sorted(found, key=lambda g: order[g.root])
 
-    def remove(self, root: str, idxs: Iterable[int]) -> None:
-        """Physically remove channels ``idxs`` of the group rooted at layer ``root``."""
+    def _tp_groups(self) -> list:
+        """torch-pruning's groups (as its ``get_all_groups``), one root at a time."""
+        graph, visited, found = self.graph, set(), []
+        ignored = set(self.ignored) | set(graph.IGNORED_LAYERS_IN_TRACING)
+        self.untraceable: list[str] = []
+        for module in list(graph.module2node):
+            if module in ignored or module in visited or not isinstance(module, ROOT_TYPES):
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            try:
+                group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                list(range(pruner.get_out_channels(module))))
+            except (IndexError, ValueError, KeyError):
+                self.untraceable.append(self.names.get(module, "?"))
+                continue
+            producers = [item.dep.target.module for item in group.items
+                         if graph.is_out_channel_pruning_fn(item.dep.handler)]
+            visited.update(producers)
+            if not ignored.intersection(producers):
+                found.append(group)
+        return found
+
+    def _group(self, root: str, idxs: Iterable[int]):
         module = dict(self.model.named_modules())[root]
         pruner = self.graph.get_pruner_of_module(module)
-        group = self.graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs))
-        group.prune()
+        return self.graph.get_pruning_group(module, pruner.prune_out_channels, sorted(idxs))
+
+    def remove(self, root: str, idxs: Iterable[int]) -> None:
+        """Physically remove channels ``idxs`` of the group rooted at layer ``root``."""
+        self._group(root, idxs).prune()
+
+    def zeros(self, root: str, idxs: Iterable[int],
+              reads: dict[nn.Module, list[int]] | None = None
+              ) -> list[tuple[nn.Module, list[int]]]:
+        """The output channels to zero for the masked equivalent of removing ``idxs`` (and, in
+        ``reads``, the input channels each reader loses); raises when a layer of the group has
+        channels that cannot be zeroed that way."""
+        found = []
+        for item in self._group(root, idxs).items:
+            module = item.dep.target.module
+            if module not in self.names:
+                continue
+            if not zeroable(module):
+                if any(True for _ in module.parameters(recurse=False)):
+                    raise _Unchecked(f"{type(module).__name__} {self.names[module]!r} uses "
+                                     "these channels together")
+                continue
+            if self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                found.append((module, [int(i) for i in item.idxs]))
+            elif reads is not None:
+                reads.setdefault(module, []).extend(int(i) for i in item.idxs)
+        return found
+
+
+class _Unchecked(Exception):
+    """A removal whose masked equivalent cannot be built."""
 
 
 def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
-               ignored: Sequence[nn.Module] = ()) -> nn.Module:
+               ignored: Sequence[nn.Module] = (), check: bool = True) -> nn.Module:
     """Remove the planned channels (``{root layer: indices}``) from ``model`` in place.
 
+    With ``check`` (the default) the smaller model's output on ``example`` must equal the
+    original's with the same channels zeroed; otherwise the model is restored and the layers
+    whose removal is wrong are named, with the exclusion that avoids them.
     The plan is recorded on the model (with the input shape it was traced with), so the same
     architecture can be rebuilt from the original model: see :func:`replay_structure`.
     """
     plan = {root: sorted(int(i) for i in idxs) for root, idxs in plan.items() if len(idxs)}
     if not plan:
         return model
-    graph = Graph(model, example, ignored)
-    for root, idxs in plan.items():
-        graph.remove(root, idxs)
+    if not check:
+        graph = Graph(model, example, ignored)
+        for root, idxs in plan.items():
+            graph.remove(root, idxs)
+    else:
+        names = {m: n for n, m in model.named_modules()}
+        ignored_names = [names[m] for m in ignored]
+        backup = copy.deepcopy(model)
+        problem, checked = _remove_checked(model, plan, example, ignored_names)
+        if problem is not None:
+            _restore(model, backup)
+            _refuse(backup, plan, example, ignored_names, problem)
     history = getattr(model, STRUCTURE_ATTR, None)
     if history is None:
         history = []
         setattr(model, STRUCTURE_ATTR, history)
-    history.append({"plan": plan, "input_shape": list(example.shape[1:])})
+    history.append({"plan": plan, "input_shape": list(example.shape[1:]),
+                    **({"check": checked} if check else {})})
     return model
+
+
+def _remove_checked(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
+                    ignored: list[str]) -> tuple[str | None, dict[str, float]]:
+    """Remove ``plan`` from ``model`` in place. Returns what went wrong (None if the result
+    equals the masked model; else restore the half-changed model) and the measured difference.
+    """
+    modules = dict(model.named_modules())
+    graph = Graph(model, example, [modules[n] for n in ignored])
+    reads: dict[nn.Module, list[int]] = {}
+    try:
+        zeros = [z for root, idxs in plan.items() for z in graph.zeros(root, idxs, reads)]
+    except _Unchecked as exc:
+        return f"{exc}: removing some is not the same as zeroing them", {}
+    with channels_zeroed(zeros):
+        masked, head = outputs(model, example)
+    if head is not None:
+        masked[-1] = without(masked[-1], head, reads.get(head, []))
+    try:
+        for root, idxs in plan.items():
+            graph.remove(root, idxs)
+        pruned, _ = outputs(model, example, head)
+    except Exception as exc:  # torch-pruning refused, or the smaller model does not run
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", {}
+    found = mismatch(pruned, masked)
+    if found is not None:
+        return f"the smaller model computes something else ({found})", {}
+    return None, difference(pruned, masked)
+
+
+def _restore(model: nn.Module, backup: nn.Module) -> None:
+    """Put ``backup``'s state (modules, parameters, attributes) back into ``model`` in place."""
+    model.__dict__.clear()
+    model.__dict__.update(backup.__dict__)
+
+
+def _refuse(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
+            ignored: list[str], problem: str) -> None:
+    """Raise naming the roots whose removal alone is wrong (all of them if none is alone)."""
+    at_fault = [root for root in plan if _remove_checked(copy.deepcopy(model), {root: plan[root]},
+                                                         example, ignored)[0] is not None]
+    roots = at_fault or list(plan)
+    named = ", ".join(map(repr, roots[:8])) + (f" and {len(roots) - 8} more" if len(roots) > 8
+                                               else "")
+    raise InvalidValueError(
+        f"removing channels of layer{'s' if len(roots) > 1 else ''} {named} breaks the model "
+        f"({problem}): an operation after it (a reshape, channel shuffle or custom operation) "
+        f"cannot be followed by the dependency graph. Leave it out with exclude={roots!r}"
+    ) from None
 
 
 def replay_structure(model: nn.Module, history: list[dict]) -> nn.Module:
     """Repeat recorded removals on a freshly built model, giving it the pruned architecture."""
     for step in history:
         apply_plan(model, step["plan"], torch.zeros(1, *step["input_shape"]))
+        if "reference" in step:  # the original's size, which later targets are relative to
+            getattr(model, STRUCTURE_ATTR)[-1]["reference"] = step["reference"]
     return model
+
+
+def removed_so_far(model: nn.Module) -> dict[str, int]:
+    """How many channels each group root has lost in the removals recorded on ``model``."""
+    removed: dict[str, int] = {}
+    for step in structure_of(model):
+        for root, idxs in step["plan"].items():
+            removed[root] = removed.get(root, 0) + len(idxs)
+    return removed
 
 
 def structure_of(model: nn.Module) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,9 +28,12 @@ from prunelab.structured.graph import (
     ROOT_TYPES,
     ChannelGroup,
     Graph,
+    _restore,
     apply_plan,
     as_example,
     output_layers,
+    removed_so_far,
+    structure_of,
 )
 from prunelab.targets import check_target, solve_ratio
 
@@ -47,6 +51,8 @@ class StructuredMethod(Method):
     #: Keep a multiple of this many channels per layer (8 or 16 suit SIMD kernels best; a layer
     #: with no more channels than this keeps them all).
     round_to: int = 1
+    #: Why :meth:`accepts` leaves a group alone (said when it does).
+    rejects: ClassVar[str] = ""
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
                        data: Iterable | None) -> list[torch.Tensor]:
@@ -79,7 +85,11 @@ class StructuredMethod(Method):
         """Remove channels: ``sparsity`` is the fraction of channels, or with ``target`` set to
         ``compression``/``speedup`` the parameter or FLOPs reduction factor to reach.
 
-        The classifier's outputs are never removed.
+        Targets are relative to the model before its first removal (recorded on the model), so
+        calling ``prune`` again with a higher target prunes on to it rather than compounding;
+        a target already reached removes nothing. The classifier's outputs are never removed.
+        The smaller model's output is checked against the masked model's (see
+        :func:`~prunelab.structured.graph.apply_plan`).
         """
         check_target(target, sparsity)
         if target == "sparsity":
@@ -98,18 +108,34 @@ class StructuredMethod(Method):
         ignored = self._ignored(model, example, selection)
         graph = Graph(model, example, ignored)
         groups = self._selected(graph.groups(), selection)
-        if not groups:
-            raise InvalidValueError("no channel group is left to prune: check include/exclude")
+        if graph.untraceable:
+            warnings.warn(
+                f"{len(graph.untraceable)} layer(s) stay whole because the dependency graph "
+                f"cannot index their channels (a channel shuffle or custom reshape after them), "
+                f"e.g. {graph.untraceable[0]!r}", stacklevel=3)
         scores = [s.detach().float().cpu() for s in self.channel_scores(model, groups, data)]
+        for group, score in zip(groups, scores, strict=True):
+            if not torch.isfinite(score).all():
+                raise InvalidValueError(
+                    f"method {self.name!r} scores channels of layer {group.root!r} as NaN or "
+                    "infinite (the weights or activations there are not finite): fix or "
+                    "re-train the model before pruning it")
+        done = removed_so_far(model)
 
         def plan_for(ratio: float) -> Plan:
             plan = _plan(groups, scores, ratio, scope, selection.layer_sparsity,
-                         self.comparable_across_layers, self.channel_count)
-            return _rounded(plan, groups, scores, self.round_to)
+                         self.comparable_across_layers, self.channel_count, done)
+            return _symmetric(_rounded(plan, groups, scores, self.round_to), groups, scores)
 
+        reference = _reference(model, example)
         ratio = sparsity
         if target != "sparsity":
-            dense = _size(model, example, target)
+            dense = reference[_KEYS[target]]
+            if dense is None:
+                raise InvalidValueError(
+                    f"this model was first pruned with inputs of shape "
+                    f"{tuple(reference['input_shape'])}: a speedup target needs an "
+                    "example_input of that shape (FLOPs are relative to the original model)")
             try:
                 ratio = solve_ratio(
                     lambda r: dense / _size(_pruned_copy(model, plan_for(r), example, ignored),
@@ -123,9 +149,36 @@ class StructuredMethod(Method):
                     f"{exc}; round_to={self.round_to} keeps layers of at most {self.round_to} "
                     "channels whole, a smaller round_to reaches further") from None
         plan = plan_for(ratio)
-        _check_plan(model, plan, example, ignored)
+        self._report(groups, plan, done)
+        if not any(plan.values()) and done:
+            warnings.warn(f"the model is already pruned to this target ({sparsity} {target}) or "
+                          "beyond: nothing more is removed", stacklevel=3)
+        before = copy.deepcopy(model) if _overrides(self, "reconstruct") else None
         self.reconstruct(model, groups, plan, data)
-        return apply_plan(model, plan, example, ignored)
+        history = structure_of(model)
+        try:
+            apply_plan(model, plan, example, ignored)
+        except InvalidValueError:
+            if before is not None:
+                _restore(model, before)  # undo the reconstruction too
+            raise
+        if not history and structure_of(model):
+            structure_of(model)[0]["reference"] = reference
+        return model
+
+    def _report(self, groups: list[ChannelGroup], plan: Plan, done: dict[str, int]) -> None:
+        """Warn when the method left groups alone, with what the plan reaches overall."""
+        if not self._skipped:
+            return
+        total = sum(g.size + done.get(g.root, 0) for g in groups)
+        removed = sum(len(plan.get(g.root, [])) + done.get(g.root, 0) for g in groups)
+        everything = total + sum(self._skipped.values())
+        warnings.warn(
+            f"{self.name} pruned {len(groups)} of {len(groups) + len(self._skipped)} channel "
+            f"groups ({self.rejects} for {', '.join(list(self._skipped)[:3])}"
+            f"{', ...' if len(self._skipped) > 3 else ''}): it removed {removed / total:.0%} of "
+            f"their channels, {removed / everything:.0%} of all {everything}; a compression "
+            "or speedup target is reached over the groups it can prune", stacklevel=3)
 
     def _ignored(self, model: nn.Module, example: torch.Tensor, selection: LayerSelection
                  ) -> list[nn.Module]:
@@ -143,15 +196,40 @@ class StructuredMethod(Method):
 
     def _selected(self, groups: list[ChannelGroup], selection: LayerSelection
                   ) -> list[ChannelGroup]:
+        """The groups to prune. Groups whose removal cannot equal zeroing their channels
+        (a LayerNorm, attention) stay whole, said in a warning; groups :meth:`accepts`
+        refuses are remembered for the report."""
         if selection.include is not None:
             groups = [g for g in groups if matches_any(g.root, selection.include)]
-        return [g for g in groups if g.size > MIN_CHANNELS and self.accepts(g)]
+        groups = [g for g in groups if g.size > MIN_CHANNELS]
+        if not groups:
+            raise InvalidValueError("no channel group is left to prune: check include/exclude")
+        blocked = [(g.root, g.blocker) for g in groups if g.blocker]
+        if blocked:
+            warnings.warn(
+                f"{len(blocked)} channel group(s) stay whole because their channels cannot be "
+                f"removed as if zeroed, e.g. {blocked[0][0]!r}: {blocked[0][1]}", stacklevel=4)
+        groups = [g for g in groups if not g.blocker]
+        accepted = [g for g in groups if self.accepts(g)]
+        taken = {id(g) for g in accepted}
+        self._skipped = {g.root: g.size for g in groups if id(g) not in taken}
+        if groups and not accepted:
+            raise InvalidValueError(
+                f"method {self.name!r} cannot prune any channel group of this model: "
+                f"{self.rejects or 'it accepts none of them'}")
+        if not accepted:
+            raise InvalidValueError("no channel group is left to prune: check include/exclude")
+        return accepted
 
 
 def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, scope: str,
           overrides: dict[str, float], comparable: bool,
-          count: Callable[[float, int], int]) -> Plan:
-    """Channels to remove per group root: lowest scores first, never a group's last channel."""
+          count: Callable[[float, int], int], done: dict[str, int]) -> Plan:
+    """Channels to remove per group root: lowest scores first, never a group's last channel.
+
+    Ratios are of the original channels (``done``: how many each group lost before), so a
+    repeated call prunes on to the target instead of compounding.
+    """
     plan: Plan = {}
     shared: list[int] = []
     for i, group in enumerate(groups):
@@ -159,7 +237,9 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
         if own is None and scope == "global":
             shared.append(i)
             continue
-        removed = min(count(ratio if own is None else own, group.size), group.size - MIN_CHANNELS)
+        original = group.size + done.get(group.root, 0)
+        removed = count(ratio if own is None else own, original) - done.get(group.root, 0)
+        removed = max(min(removed, group.size - MIN_CHANNELS), 0)
         plan[group.root] = scores[i].argsort(stable=True)[:removed].tolist()
     if shared:
         # Rank every channel but each group's best together (so each keeps >= 1 channel).
@@ -168,9 +248,10 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
             s = scores[i] if comparable else scores[i] / scores[i].abs().mean().clamp_min(1e-12)
             order = s.argsort(stable=True)
             pooled += [(float(s[j]), i, int(j)) for j in order[: groups[i].size - MIN_CHANNELS]]
-        total = sum(groups[i].size for i in shared)
+        total = sum(groups[i].size + done.get(groups[i].root, 0) for i in shared)
+        wanted = round(ratio * total) - sum(done.get(groups[i].root, 0) for i in shared)
         pooled.sort()
-        for _, i, j in pooled[: min(round(ratio * total), len(pooled))]:
+        for _, i, j in pooled[: max(min(wanted, len(pooled)), 0)]:
             plan.setdefault(groups[i].root, []).append(j)
     return plan
 
@@ -211,53 +292,35 @@ def _rounded(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor],
     return out
 
 
+def _symmetric(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor]) -> Plan:
+    """Make removals read by a grouped convolution take the same positions in each of its
+    blocks (so every block keeps as many channels, which its weight's shape requires).
+
+    A position's score is the sum over the blocks; about as many channels go as planned.
+    """
+    out = dict(plan)
+    for group, score in zip(groups, scores, strict=True):
+        blocks = group.conv_groups
+        if blocks == 1 or not plan.get(group.root):
+            continue
+        if group.size % blocks:
+            out.pop(group.root)
+            continue
+        width = group.size // blocks
+        per_block = min(round(len(plan[group.root]) / blocks), width - MIN_CHANNELS)
+        positions = score.reshape(blocks, width).sum(0).argsort(stable=True)[:per_block]
+        out[group.root] = sorted(b * width + int(p) for b in range(blocks) for p in positions)
+    return out
+
+
 def _pruned_copy(model: nn.Module, plan: Plan, example: torch.Tensor,
                  ignored: list[nn.Module]) -> nn.Module:
+    """A pruned copy to measure while searching a target (not checked: only sizes matter)."""
     trial = copy.deepcopy(model)
     index = {m: n for n, m in model.named_modules()}
     trial_modules = dict(trial.named_modules())
-    return apply_plan(trial, plan, example, [trial_modules[index[m]] for m in ignored])
-
-
-def _runs(model: nn.Module, example: torch.Tensor) -> Exception | None:
-    try:
-        with torch.no_grad():
-            model.eval()(example)
-    except Exception as exc:  # any failure of the pruned forward
-        return exc
-    return None
-
-
-def _check_plan(model: nn.Module, plan: Plan, example: torch.Tensor,
-                ignored: list[nn.Module]) -> None:
-    """Try the removal on a copy; if the smaller model no longer runs, name the layer at fault.
-
-    torch-pruning follows standard operations; a custom one (a reshape that mixes channels,
-    a hard-coded channel count) breaks after removal. The layer whose removal alone breaks the
-    forward is reported, with the exclusion that avoids it.
-    """
-    error = None
-    try:
-        error = _runs(_pruned_copy(model, plan, example, ignored), example)
-    except Exception as exc:  # torch-pruning itself refused
-        error = exc
-    if error is None:
-        return
-    for root, idxs in plan.items():
-        try:
-            alone = _runs(_pruned_copy(model, {root: idxs}, example, ignored), example)
-        except Exception as exc:
-            alone = exc
-        if alone is not None:
-            raise InvalidValueError(
-                f"removing channels of layer {root!r} breaks the model ({type(alone).__name__}: "
-                f"{str(alone).splitlines()[0][:200]}): an operation after it cannot be followed "
-                f"by the dependency graph. Leave it out with exclude=[{root!r}]"
-            ) from None
-    raise InvalidValueError(
-        f"the pruned model no longer runs ({type(error).__name__}: {error}); exclude the layers "
-        "around custom operations"
-    ) from None
+    return apply_plan(trial, plan, example, [trial_modules[index[m]] for m in ignored],
+                      check=False)
 
 
 def _size(model: nn.Module, example: torch.Tensor, target: str) -> float:
@@ -265,3 +328,26 @@ def _size(model: nn.Module, example: torch.Tensor, target: str) -> float:
     if target == "compression":
         return count_parameters(model)[0]
     return max(flops_per_module(model, example)[0], 1)
+
+
+_KEYS = {"compression": "params", "speedup": "flops"}
+
+
+def _reference(model: nn.Module, example: torch.Tensor) -> dict:
+    """Parameters and FLOPs of the model before its first removal: recorded then, measured now
+    for an unpruned model. The recorded FLOPs hold for the recorded input shape only (None
+    for another one)."""
+    history = structure_of(model)
+    recorded = history[0].get("reference") if history else None
+    if recorded is not None:
+        same = recorded["input_shape"] == list(example.shape[1:])
+        return {**recorded, "flops": recorded["flops"] if same else None}
+    if history:  # pruned before references were recorded: today's model is the reference
+        warnings.warn("this model's removal history has no recorded original size: targets "
+                      "are relative to the model as it is now", stacklevel=4)
+    return {"params": _size(model, example, "compression"),
+            "flops": _size(model, example, "speedup"), "input_shape": list(example.shape[1:])}
+
+
+def _overrides(method: StructuredMethod, name: str) -> bool:
+    return getattr(type(method), name) is not getattr(StructuredMethod, name)

@@ -108,6 +108,9 @@ class ReconstructionMethod(StructuredMethod):
     seed: int = 0
     _samples: dict[str, Samples] = field(default_factory=dict, init=False, repr=False)
 
+    rejects = ("its reconstruction needs channels read by exactly one plain layer (a Conv2d "
+               "with groups=1 or a Linear) and produced by one")
+
     def accepts(self, group: ChannelGroup) -> bool:
         return single_reader(group) is not None
 
