@@ -26,6 +26,7 @@ from prunelab.sparsity import (
     prunable_weights,
     sparsity_for_compression,
 )
+from prunelab.sparsity.nm import input_dim, nm_keep_mask, output_dim, parse_nm, row_keep_mask
 from prunelab.targets import check_target, solve_ratio
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -141,7 +142,17 @@ class Method:
 
 @dataclass
 class UnstructuredMethod(Method):
-    """A method that scores single weights; the lowest scores are masked to zero."""
+    """A method that scores single weights; the lowest scores are masked to zero.
+
+    Every unstructured method takes the ``nm`` option (``"2:4"``, ``"4:8"``...): instead of one
+    threshold per scope, each group of M consecutive input weights keeps its N best-scored
+    entries (:mod:`prunelab.sparsity.nm` says which entries are consecutive), so the sparsity
+    is 1 − N/M in every layer. A subclass with ``rowwise = True`` (Wanda) compares scores only
+    within each output row: every row of a layer loses the same number of weights.
+    """
+
+    rowwise: ClassVar[bool] = False
+    nm: str | None = None
 
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
@@ -160,6 +171,7 @@ class UnstructuredMethod(Method):
         target: str = "sparsity",
         example_input: torch.Tensor | None = None,
     ) -> nn.Module:
+        pattern = check_nm(self.nm, sparsity, target, selection)
         if target != "sparsity":
             sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
                                           example_input)
@@ -177,8 +189,18 @@ class UnstructuredMethod(Method):
                 if weight.mask is not None:  # already-pruned weights stay pruned
                     score[weight.mask == 0] = float("-inf")
             pairs = list(zip(weights, scores, strict=True))
+            if pattern is not None:
+                for weight, score in pairs:
+                    _install(weight, nm_keep_mask(score, *pattern, input_dim(
+                        weight.module, score), weight.name))
+                return model
             for group, target in _groups(pairs, selection.layer_sparsity):
-                if scope == "layer" or target is not None:
+                if self.rowwise:
+                    for weight, score in group:
+                        value = sparsity if target is None else target
+                        _install(weight, row_keep_mask(score, value, output_dim(
+                            weight.module, score)))
+                elif scope == "layer" or target is not None:
                     for weight, score in group:
                         _apply(weight, score, sparsity if target is None else target)
                 else:
@@ -213,6 +235,30 @@ class UnstructuredMethod(Method):
             return total / max(nonzero, 1)
 
         return solve_ratio(achieved, value, target)
+
+
+def check_nm(nm: str | None, sparsity: float, target: str,
+             selection: LayerSelection) -> tuple[int, int] | None:
+    """Parse the ``nm`` option and refuse targets it cannot meet: N:M fixes every layer's
+    sparsity at 1 − N/M, so another sparsity, a compression/speed-up target or per-layer
+    overrides would be silently ignored."""
+    pattern = parse_nm(nm)
+    if pattern is None:
+        return None
+    n, m = pattern
+    implied = 1 - n / m
+    if target == "sparsity":
+        sparsity = check_sparsity(sparsity)
+    if target != "sparsity" or abs(sparsity - implied) > 1e-9:
+        given = f"sparsity {sparsity}" if target == "sparsity" else f"a {target} target"
+        raise InvalidValueError(
+            f"nm={nm!r} prunes {implied:.4g} of every layer (keeps {n} of each {m}); pass "
+            f"sparsity={implied:.4g} instead of {given}")
+    if selection.layer_sparsity:
+        raise InvalidValueError(
+            f"nm={nm!r} fixes every layer's sparsity; layer_sparsity overrides cannot be combined "
+            "with it (use include/exclude to choose the layers)")
+    return pattern
 
 
 def _type_name(hint: Any) -> str:
