@@ -139,6 +139,35 @@ class Method:
         ``target="compression"`` / ``"speedup"`` a parameter / FLOPs reduction factor."""
         raise NotImplementedError
 
+    def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
+                      data: Iterable | None, selection: LayerSelection,
+                      example_input: torch.Tensor | None) -> float:
+        """The sparsity that reaches a compression or a FLOPs speed-up.
+
+        Compression has a closed form unless per-layer overrides fix some layers' sparsity;
+        then, like a speed-up, it is searched by pruning copies and measuring them.
+        """
+        check_target(target, value)
+        if target == "compression" and not selection.layer_sparsity:
+            return sparsity_for_compression(
+                model, value, include=selection.include, exclude=selection.exclude,
+                exclude_first=selection.exclude_first, exclude_last=selection.exclude_last)
+        from prunelab.metrics import count_parameters, measure
+        from prunelab.structured.graph import as_example
+
+        if target == "speedup":
+            example = as_example(model, example_input, data)
+
+        def achieved(ratio: float) -> float:
+            trial = self.prune(copy.deepcopy(model), ratio, scope=scope, data=data,
+                               selection=selection)
+            if target == "speedup":
+                return measure(trial, example).theoretical_speedup
+            total, nonzero = count_parameters(trial)
+            return total / max(nonzero, 1)
+
+        return solve_ratio(achieved, value, target)
+
 
 @dataclass
 class UnstructuredMethod(Method):
@@ -206,36 +235,6 @@ class UnstructuredMethod(Method):
                 else:
                     _apply_global(group, sparsity)
         return model
-
-    def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
-                      data: Iterable | None, selection: LayerSelection,
-                      example_input: torch.Tensor | None) -> float:
-        """The sparsity that reaches a compression or a FLOPs speed-up.
-
-        Compression has a closed form unless per-layer overrides fix some layers' sparsity;
-        then, like a speed-up, it is searched by pruning copies and measuring them.
-        """
-        check_target(target, value)
-        if target == "compression" and not selection.layer_sparsity:
-            return sparsity_for_compression(
-                model, value, include=selection.include, exclude=selection.exclude,
-                exclude_first=selection.exclude_first, exclude_last=selection.exclude_last)
-        from prunelab.metrics import count_parameters, measure
-        from prunelab.structured.graph import as_example
-
-        if target == "speedup":
-            example = as_example(model, example_input, data)
-
-        def achieved(ratio: float) -> float:
-            trial = self.prune(copy.deepcopy(model), ratio, scope=scope, data=data,
-                               selection=selection)
-            if target == "speedup":
-                return measure(trial, example).theoretical_speedup
-            total, nonzero = count_parameters(trial)
-            return total / max(nonzero, 1)
-
-        return solve_ratio(achieved, value, target)
-
 
 def check_nm(nm: str | None, sparsity: float, target: str,
              selection: LayerSelection) -> tuple[int, int] | None:
@@ -305,3 +304,71 @@ def _install(weight: PrunableWeight, keep: torch.Tensor) -> None:
     if old is not None:
         keep = keep & (old != 0)
     weight.set_mask(keep)
+
+
+@dataclass
+class ReconstructionMethod(Method):
+    """A layerwise solver: prunes each layer *and rewrites its kept weights* (OBS, SparseGPT).
+
+    Such a method minimises the layer's reconstruction error ‖WX − ŴX‖² over its calibration
+    inputs X, whose sufficient statistic is the Gram matrix H = 2XXᵀ/n (convolutions unfolded).
+    The *what* is :meth:`solve` (a weight matrix and its H -> a keep mask and new weights); the
+    *how* is shared here and in :mod:`prunelab.methods.layerwise`: layers are visited in the order
+    the forward pass calls them, and each layer's H is collected from the model *as already
+    pruned*, so later layers learn to compensate for what earlier ones lost (sequential
+    calibration). The comparison is within a layer, so ``scope`` has no effect: every layer gets
+    the target sparsity (``layer_sparsity`` overrides apply). Options shared by all solvers:
+    ``nm`` (N:M pattern), ``batches`` (calibration batches used), ``input_blocks`` (split a wide
+    layer's inputs into independent blocks, a block-diagonal H, to bound memory) and
+    ``max_memory_gb`` (refuse a layer whose H would need more).
+    """
+
+    needs_data = True
+    nm: str | None = None
+    batches: int | None = None
+    input_blocks: int = 1
+    max_memory_gb: float = 8.0
+
+    def solve(
+        self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
+        nm: tuple[int, int] | None, pruned: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep mask and new weights for one ``(rows, cols)`` float32 weight matrix, given its
+        ``(cols, cols)`` Gram matrix; ``pruned`` marks entries that must stay zero."""
+        raise NotImplementedError
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
+    ) -> nn.Module:
+        from prunelab.methods.layerwise import prune_layerwise
+
+        pattern = check_nm(self.nm, sparsity, target, selection)
+        if target != "sparsity":
+            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
+                                          example_input)
+        sparsity = check_sparsity(sparsity)
+        if scope not in SCOPES:
+            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if data is None:
+            raise PrunelabError(
+                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>")
+        if self.input_blocks < 1 or self.max_memory_gb <= 0:
+            raise InvalidValueError(f"method {self.name!r} needs input_blocks >= 1 and "
+                                    f"max_memory_gb > 0, got {self.input_blocks}, "
+                                    f"{self.max_memory_gb}")
+        weights = selection.weights(model)
+        targets = {}
+        for group, value in _groups([(w, torch.empty(0)) for w in weights],
+                                    selection.layer_sparsity):
+            for weight, _ in group:
+                targets[weight.name] = sparsity if value is None else value
+        prune_layerwise(self, model, weights, targets, pattern, data)
+        return model
