@@ -207,3 +207,9 @@ def test_input_blocks_solve_each_block_with_its_own_hessian() -> None:
         torch.testing.assert_close(layer.weight[:, part].detach(), expected, atol=1e-5,
                                    rtol=1e-4)
     assert F.mse_loss(layer(x), x @ w.T) > 0  # pruned, not the dense layer
+
+
+def test_all_unsupported_tensors_are_named_at_once_with_the_exclusion() -> None:
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Embedding(8, 8))
+    with pytest.raises(InvalidValueError, match=r"exclude=\['0', '2'\]"):
+        prunelab.prune(model, "sparsegpt", 0.5, data=[torch.randint(0, 8, (4,))])

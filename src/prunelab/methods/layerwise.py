@@ -36,24 +36,31 @@ class _Reached(Exception):
     """Raised by the capture hook: the layer's input is recorded, the rest is not needed."""
 
 
-def check_layer(weight: PrunableWeight, method: str) -> None:
-    """Refuse, by name, a tensor whose inputs cannot be turned into columns."""
+def unsupported(weight: PrunableWeight) -> str | None:
+    """Why a tensor's inputs cannot be turned into columns (None when they can)."""
     module = weight.module
-    fix = f"exclude it (exclude=[{weight.name!r}]) or use a criterion such as wanda or magnitude"
     if weight.shared:
-        raise InvalidValueError(f"{method} cannot reconstruct {weight.name!r}: the tensor is "
-                                f"shared by several modules with different inputs; {fix}")
+        return "shared by several modules with different inputs"
     if weight.param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-        raise InvalidValueError(
-            f"{method} reconstructs Linear and Conv2d weights; {weight.name!r} is "
-            f"{type(module).__name__}.{weight.param}; {fix}")
+        return f"{type(module).__name__}.{weight.param}"
     if isinstance(module, nn.Conv2d) and (
             module.groups != 1 or isinstance(module.padding, str)
             or module.padding_mode != "zeros"):
+        return (f"Conv2d with groups={module.groups}, padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}")
+    return None
+
+
+def check_layers(weights: list[PrunableWeight], method: str) -> None:
+    """Refuse, all at once and by name, tensors whose inputs cannot be turned into columns."""
+    bad = [(w.name, why) for w in weights if (why := unsupported(w)) is not None]
+    if bad:
+        names = [name for name, _ in bad]
         raise InvalidValueError(
-            f"{method} reconstructs ungrouped Conv2d layers with numeric zero padding; "
-            f"{weight.name!r} has groups={module.groups}, padding={module.padding!r}, "
-            f"padding_mode={module.padding_mode!r}; {fix}")
+            f"{method} reconstructs Linear and ungrouped, zero-padded Conv2d weights; "
+            f"{'; '.join(f'{name!r} is {why}' for name, why in bad)}: exclude "
+            f"{'it' if len(bad) == 1 else 'them'} (exclude={names!r}) or use a criterion such as "
+            "wanda or magnitude")
 
 
 def as_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -182,8 +189,8 @@ def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
                     weights: list[PrunableWeight], targets: dict[str, float],
                     nm: tuple[int, int] | None, data: Iterable) -> None:
     """Solve and install every layer in forward order, each calibrated on the pruned model."""
+    check_layers(weights, method.name)
     for weight in weights:
-        check_layer(weight, method.name)
         rows, cols = as_matrix(weight.module, weight.weight).shape
         width = getattr(weight.module, "in_channels", cols)
         if nm is not None and width % nm[1]:
