@@ -213,3 +213,12 @@ def test_all_unsupported_tensors_are_named_at_once_with_the_exclusion() -> None:
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Embedding(8, 8))
     with pytest.raises(InvalidValueError, match=r"exclude=\['0', '2'\]"):
         prunelab.prune(model, "sparsegpt", 0.5, data=[torch.randint(0, 8, (4,))])
+
+
+def test_weights_pruned_before_stay_pruned_beyond_the_target() -> None:
+    w = torch.randn(4, 8)
+    pruned = torch.zeros(4, 8, dtype=torch.bool)
+    pruned[:, :6] = True  # 75% already pruned, target 50%
+    for nm in (None, (2, 4)):
+        keep, new = obs_solve(w, gram(correlated_inputs(64, 8)), 0.5, nm=nm, pruned=pruned)
+        assert not keep[pruned].any() and (new[pruned] == 0).all()

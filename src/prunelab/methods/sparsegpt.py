@@ -87,13 +87,14 @@ def obs_solve(
         if mask is None and nm is None:  # adaptive mask selection for the whole block
             count = round(sparsity * rows * stop) - round(sparsity * rows * start)
             keep[:, start:stop] = keep_mask_from_scores(
-                _saliency(block, diag, forced[:, start:stop]), count)
+                _saliency(block, diag, forced[:, start:stop]), count) & ~forced[:, start:stop]
         for j in range(stop - start):
             if mask is None and nm is not None and j % nm[1] == 0:
                 group = slice(j, j + nm[1])
-                keep[:, start + j:start + j + nm[1]] = nm_keep_mask(
-                    _saliency(block[:, group], diag[group], forced[:, start:stop][:, group]),
-                    *nm, dim=1)
+                columns = slice(start + j, start + j + nm[1])
+                keep[:, columns] = nm_keep_mask(
+                    _saliency(block[:, group], diag[group], forced[:, columns]),
+                    *nm, dim=1) & ~forced[:, columns]
             column = block[:, j]
             error = (column * ~keep[:, start + j]) / factor[j, j]
             block[:, j:] -= error.unsqueeze(1) * factor[j, j:].unsqueeze(0)
