@@ -26,6 +26,7 @@ from prunelab.sparsity import (
     prunable_weights,
     sparsity_for_compression,
 )
+from prunelab.sparsity.nm import input_dim, nm_keep_mask, output_dim, parse_nm, row_keep_mask
 from prunelab.targets import check_target, solve_ratio
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -138,53 +139,6 @@ class Method:
         ``target="compression"`` / ``"speedup"`` a parameter / FLOPs reduction factor."""
         raise NotImplementedError
 
-
-@dataclass
-class UnstructuredMethod(Method):
-    """A method that scores single weights; the lowest scores are masked to zero."""
-
-    def scores(
-        self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
-    ) -> list[torch.Tensor]:
-        """One score tensor per weight (same shape); higher means more important."""
-        raise NotImplementedError
-
-    def prune(
-        self,
-        model: nn.Module,
-        sparsity: float,
-        *,
-        scope: str = "global",
-        data: Iterable | None = None,
-        selection: LayerSelection = ALL_LAYERS,
-        target: str = "sparsity",
-        example_input: torch.Tensor | None = None,
-    ) -> nn.Module:
-        if target != "sparsity":
-            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
-                                          example_input)
-        sparsity = check_sparsity(sparsity)
-        if scope not in SCOPES:
-            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if self.needs_data and data is None:
-            raise PrunelabError(
-                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
-            )
-        weights = selection.weights(model)
-        with torch.no_grad():
-            scores = [s.detach().float() for s in self.scores(model, weights, data)]
-            for weight, score in zip(weights, scores, strict=True):
-                if weight.mask is not None:  # already-pruned weights stay pruned
-                    score[weight.mask == 0] = float("-inf")
-            pairs = list(zip(weights, scores, strict=True))
-            for group, target in _groups(pairs, selection.layer_sparsity):
-                if scope == "layer" or target is not None:
-                    for weight, score in group:
-                        _apply(weight, score, sparsity if target is None else target)
-                else:
-                    _apply_global(group, sparsity)
-        return model
-
     def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
                       data: Iterable | None, selection: LayerSelection,
                       example_input: torch.Tensor | None) -> float:
@@ -213,6 +167,97 @@ class UnstructuredMethod(Method):
             return total / max(nonzero, 1)
 
         return solve_ratio(achieved, value, target)
+
+
+@dataclass
+class UnstructuredMethod(Method):
+    """A method that scores single weights; the lowest scores are masked to zero.
+
+    Every unstructured method takes the ``nm`` option (``"2:4"``, ``"4:8"``...): instead of one
+    threshold per scope, each group of M consecutive input weights keeps its N best-scored
+    entries (:mod:`prunelab.sparsity.nm` says which entries are consecutive), so the sparsity
+    is 1 − N/M in every layer. A subclass with ``rowwise = True`` (Wanda) compares scores only
+    within each output row: every row of a layer loses the same number of weights.
+    """
+
+    rowwise: ClassVar[bool] = False
+    nm: str | None = None
+
+    def scores(
+        self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
+    ) -> list[torch.Tensor]:
+        """One score tensor per weight (same shape); higher means more important."""
+        raise NotImplementedError
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
+    ) -> nn.Module:
+        pattern = check_nm(self.nm, sparsity, target, selection)
+        if target != "sparsity":
+            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
+                                          example_input)
+        sparsity = check_sparsity(sparsity)
+        if scope not in SCOPES:
+            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if self.needs_data and data is None:
+            raise PrunelabError(
+                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
+            )
+        weights = selection.weights(model)
+        with torch.no_grad():
+            scores = [s.detach().float() for s in self.scores(model, weights, data)]
+            for weight, score in zip(weights, scores, strict=True):
+                if weight.mask is not None:  # already-pruned weights stay pruned
+                    score[weight.mask == 0] = float("-inf")
+            pairs = list(zip(weights, scores, strict=True))
+            if pattern is not None:
+                for weight, score in pairs:
+                    _install(weight, nm_keep_mask(score, *pattern, input_dim(
+                        weight.module, score), weight.name))
+                return model
+            for group, target in _groups(pairs, selection.layer_sparsity):
+                if self.rowwise:
+                    for weight, score in group:
+                        value = sparsity if target is None else target
+                        _install(weight, row_keep_mask(score, value, output_dim(
+                            weight.module, score)))
+                elif scope == "layer" or target is not None:
+                    for weight, score in group:
+                        _apply(weight, score, sparsity if target is None else target)
+                else:
+                    _apply_global(group, sparsity)
+        return model
+
+def check_nm(nm: str | None, sparsity: float, target: str,
+             selection: LayerSelection) -> tuple[int, int] | None:
+    """Parse the ``nm`` option and refuse targets it cannot meet: N:M fixes every layer's
+    sparsity at 1 − N/M, so another sparsity, a compression/speed-up target or per-layer
+    overrides would be silently ignored."""
+    pattern = parse_nm(nm)
+    if pattern is None:
+        return None
+    n, m = pattern
+    implied = 1 - n / m
+    if target == "sparsity":
+        sparsity = check_sparsity(sparsity)
+    if target != "sparsity" or abs(sparsity - implied) > 1e-9:
+        given = f"sparsity {sparsity}" if target == "sparsity" else f"a {target} target"
+        raise InvalidValueError(
+            f"nm={nm!r} prunes {implied:.4g} of every layer (keeps {n} of each {m}); pass "
+            f"sparsity={implied:.4g} instead of {given}")
+    if selection.layer_sparsity:
+        raise InvalidValueError(
+            f"nm={nm!r} fixes every layer's sparsity; layer_sparsity overrides cannot be combined "
+            "with it (use include/exclude to choose the layers)")
+    return pattern
 
 
 def _type_name(hint: Any) -> str:
@@ -259,3 +304,71 @@ def _install(weight: PrunableWeight, keep: torch.Tensor) -> None:
     if old is not None:
         keep = keep & (old != 0)
     weight.set_mask(keep)
+
+
+@dataclass
+class ReconstructionMethod(Method):
+    """A layerwise solver: prunes each layer *and rewrites its kept weights* (OBS, SparseGPT).
+
+    Such a method minimises the layer's reconstruction error ‖WX − ŴX‖² over its calibration
+    inputs X, whose sufficient statistic is the Gram matrix H = 2XXᵀ/n (convolutions unfolded).
+    The *what* is :meth:`solve` (a weight matrix and its H -> a keep mask and new weights); the
+    *how* is shared here and in :mod:`prunelab.methods.layerwise`: layers are visited in the order
+    the forward pass calls them, and each layer's H is collected from the model *as already
+    pruned*, so later layers learn to compensate for what earlier ones lost (sequential
+    calibration). The comparison is within a layer, so ``scope`` has no effect: every layer gets
+    the target sparsity (``layer_sparsity`` overrides apply). Options shared by all solvers:
+    ``nm`` (N:M pattern), ``batches`` (calibration batches used), ``input_blocks`` (split a wide
+    layer's inputs into independent blocks, a block-diagonal H, to bound memory) and
+    ``max_memory_gb`` (refuse a layer whose H would need more).
+    """
+
+    needs_data = True
+    nm: str | None = None
+    batches: int | None = None
+    input_blocks: int = 1
+    max_memory_gb: float = 8.0
+
+    def solve(
+        self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
+        nm: tuple[int, int] | None, pruned: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep mask and new weights for one ``(rows, cols)`` float32 weight matrix, given its
+        ``(cols, cols)`` Gram matrix; ``pruned`` marks entries that must stay zero."""
+        raise NotImplementedError
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
+    ) -> nn.Module:
+        from prunelab.methods.layerwise import prune_layerwise
+
+        pattern = check_nm(self.nm, sparsity, target, selection)
+        if target != "sparsity":
+            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
+                                          example_input)
+        sparsity = check_sparsity(sparsity)
+        if scope not in SCOPES:
+            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if data is None:
+            raise PrunelabError(
+                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>")
+        if self.input_blocks < 1 or self.max_memory_gb <= 0:
+            raise InvalidValueError(f"method {self.name!r} needs input_blocks >= 1 and "
+                                    f"max_memory_gb > 0, got {self.input_blocks}, "
+                                    f"{self.max_memory_gb}")
+        weights = selection.weights(model)
+        targets = {}
+        for group, value in _groups([(w, torch.empty(0)) for w in weights],
+                                    selection.layer_sparsity):
+            for weight, _ in group:
+                targets[weight.name] = sparsity if value is None else value
+        prune_layerwise(self, model, weights, targets, pattern, data)
+        return model

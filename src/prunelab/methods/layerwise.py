@@ -1,0 +1,225 @@
+"""Sequential layerwise reconstruction: the shared *how* of :class:`ReconstructionMethod`.
+
+Each selected layer is seen as a matrix problem: a weight matrix W of shape (outputs, inputs)
+applied to input columns X. A Linear is already one (its inputs flattened over any leading
+dimensions); a 2-D convolution becomes one by unfolding its input patches (``F.unfold``), with
+the columns ordered *kernel position major, input channel minor*, so that M consecutive columns
+are M input channels at one kernel position, the N:M grouping of :mod:`prunelab.sparsity.nm`.
+
+Layers are pruned in the order the forward pass calls them. For each, the calibration data is
+run through the model as pruned so far, a forward pre-hook accumulates the layer's Gram matrix
+XXᵀ (float32, on the model's device) and stops the forward there, the method solves, and the
+new weights and mask are installed before the next layer is calibrated. Only one layer's Gram
+matrix exists at a time; inputs are never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import InvalidValueError
+from prunelab.sparsity import PrunableWeight
+from prunelab.utils import eval_mode, iter_batches
+
+if TYPE_CHECKING:
+    from prunelab.methods.base import ReconstructionMethod
+
+
+class _Reached(Exception):
+    """Raised by the capture hook: the layer's input is recorded, the rest is not needed."""
+
+
+def unsupported(weight: PrunableWeight) -> str | None:
+    """Why a tensor's inputs cannot be turned into columns (None when they can)."""
+    module = weight.module
+    if weight.shared:
+        return "shared by several modules with different inputs"
+    if weight.param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"{type(module).__name__}.{weight.param}"
+    if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or isinstance(module.padding, str)
+            or module.padding_mode != "zeros"):
+        return (f"Conv2d with groups={module.groups}, padding={module.padding!r}, "
+                f"padding_mode={module.padding_mode!r}")
+    return None
+
+
+def check_layers(weights: list[PrunableWeight], method: str) -> None:
+    """Refuse, all at once and by name, tensors whose inputs cannot be turned into columns."""
+    bad = [(w.name, why) for w in weights if (why := unsupported(w)) is not None]
+    if bad:
+        names = [name for name, _ in bad]
+        raise InvalidValueError(
+            f"{method} reconstructs Linear and ungrouped, zero-padded Conv2d weights; "
+            f"{'; '.join(f'{name!r} is {why}' for name, why in bad)}: exclude "
+            f"{'it' if len(bad) == 1 else 'them'} (exclude={names!r}) or use a criterion such as "
+            "wanda or magnitude")
+
+
+def as_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as (outputs, inputs) columns in the order of :func:`input_columns`."""
+    if isinstance(module, nn.Conv2d):
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    return weight
+
+
+def from_matrix(module: nn.Module, matrix: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`as_matrix`."""
+    if isinstance(module, nn.Conv2d):
+        out, channels, kh, kw = like.shape
+        return matrix.reshape(out, kh, kw, channels).permute(0, 3, 1, 2).contiguous()
+    return matrix.reshape(like.shape)
+
+
+def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input as rows of a matrix (one row per output position, one column per input
+    the weight matrix multiplies)."""
+    x = x.detach().float()
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if x.dim() == 3:  # unbatched
+        x = x.unsqueeze(0)
+    patches = F.unfold(x, module.kernel_size, dilation=module.dilation,
+                       padding=module.padding, stride=module.stride)
+    batch, _, positions = patches.shape
+    kernel = math.prod(module.kernel_size)
+    patches = patches.view(batch, module.in_channels, kernel, positions)
+    return patches.permute(0, 3, 2, 1).reshape(batch * positions, kernel * module.in_channels)
+
+
+def block_bounds(cols: int, blocks: int, multiple: int) -> list[tuple[int, int]]:
+    """Split ``cols`` inputs into at most ``blocks`` contiguous blocks whose widths are multiples
+    of ``multiple`` (an N:M group never straddles two blocks)."""
+    width = math.ceil(cols / blocks / multiple) * multiple
+    return [(start, min(start + width, cols)) for start in range(0, cols, width)]
+
+
+def memory_estimate(rows: int, cols: int, blocks: int) -> float:
+    """Bytes a solver needs for one layer: the float32 Gram blocks, a float64 copy, its
+    Cholesky factor and inverse for one block, and four float32 copies of the weights."""
+    block = math.ceil(cols / blocks)
+    return 4 * cols * block + 28 * block * block + 16 * rows * cols
+
+
+def check_memory(weight: PrunableWeight, rows: int, cols: int, method: ReconstructionMethod,
+                 multiple: int) -> None:
+    """Refuse a layer whose Gram matrix would not fit, saying how many blocks would."""
+    need = memory_estimate(rows, cols, method.input_blocks)
+    limit = method.max_memory_gb * 2**30
+    if need <= limit:
+        return
+    blocks = method.input_blocks
+    while memory_estimate(rows, cols, blocks) > limit and blocks < cols // multiple:
+        blocks *= 2
+    width = block_bounds(cols, blocks, multiple)[0][1]
+    hint = (f"split its inputs into independent blocks with input_blocks={blocks} (≤ {width} "
+            f"columns each, about {memory_estimate(rows, cols, blocks) / 2**30:.2g} GiB), "
+            if memory_estimate(rows, cols, blocks) <= limit else "")
+    raise InvalidValueError(
+        f"{method.name} needs about {need / 2**30:.3g} GiB for layer {weight.name!r} ({rows} "
+        f"outputs x {cols} inputs, a {cols}x{cols} Hessian), over max_memory_gb="
+        f"{method.max_memory_gb}; {hint}raise max_memory_gb, or exclude it "
+        f"(exclude=[{weight.name!r}])")
+
+
+def call_order(model: nn.Module, weights: list[PrunableWeight], data: Iterable,
+               limit: int | None) -> list[PrunableWeight]:
+    """``weights`` in the order the forward pass first calls their modules (layers the forward
+    never calls come last, in module order)."""
+    order: dict[int, int] = {}
+
+    def recorder(index: int):
+        def hook(module: nn.Module, args: tuple) -> None:
+            order.setdefault(index, len(order))
+
+        return hook
+
+    handles = [w.module.register_forward_pre_hook(recorder(i)) for i, w in enumerate(weights)]
+    try:
+        with eval_mode(model), torch.no_grad():
+            x, _ = next(iter_batches(data, model, limit))
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ranked = sorted(range(len(weights)), key=lambda i: order.get(i, len(weights) + i))
+    return [weights[i] for i in ranked]
+
+
+def gram_blocks(model: nn.Module, weight: PrunableWeight, data: Iterable, limit: int | None,
+                bounds: list[tuple[int, int]]) -> list[torch.Tensor] | None:
+    """Diagonal blocks of 2XXᵀ/n for the layer's inputs under the current (pruned) model, or
+    None when the forward never reaches the layer."""
+    grams: list[torch.Tensor] = []
+    seen = [0]
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        columns = input_columns(module, args[0])
+        for i, (start, stop) in enumerate(bounds):
+            part = columns[:, start:stop]
+            block = part.T @ part
+            if len(grams) <= i:
+                grams.append(block)
+            else:
+                grams[i] += block
+        seen[0] += columns.shape[0]
+        raise _Reached
+
+    handle = weight.module.register_forward_pre_hook(hook)
+    try:
+        with eval_mode(model), torch.no_grad():
+            for x, _ in iter_batches(data, model, limit):
+                with contextlib.suppress(_Reached):
+                    model(x)
+    finally:
+        handle.remove()
+    if not seen[0]:
+        return None
+    return [2 * g / seen[0] for g in grams]
+
+
+def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
+                    weights: list[PrunableWeight], targets: dict[str, float],
+                    nm: tuple[int, int] | None, data: Iterable) -> None:
+    """Solve and install every layer in forward order, each calibrated on the pruned model."""
+    check_layers(weights, method.name)
+    for weight in weights:
+        rows, cols = as_matrix(weight.module, weight.weight).shape
+        width = getattr(weight.module, "in_channels", cols)
+        if nm is not None and width % nm[1]:
+            raise InvalidValueError(
+                f"N:M sparsity {nm[0]}:{nm[1]} needs the input width of layer {weight.name!r} "
+                f"to be a multiple of {nm[1]}, but it is {width}; exclude it "
+                f"(exclude=[{weight.name!r}]) or choose another M")
+        check_memory(weight, rows, cols, method, nm[1] if nm else 1)
+    for weight in call_order(model, weights, data, method.batches):
+        current = weight.weight.detach()
+        matrix = as_matrix(weight.module, current).float()
+        pruned = as_matrix(weight.module, weight.mask == 0) if weight.mask is not None else (
+            torch.zeros_like(matrix, dtype=torch.bool))
+        bounds = block_bounds(matrix.shape[1], method.input_blocks, nm[1] if nm else 1)
+        grams = gram_blocks(model, weight, data, method.batches, bounds)
+        if grams is None:
+            raise InvalidValueError(
+                f"{method.name}: the forward pass never reached layer {weight.name!r}, so it has "
+                f"no calibration inputs; exclude it (exclude=[{weight.name!r}])")
+        keep = torch.ones_like(matrix, dtype=torch.bool)
+        new = matrix.clone()
+        sparsity = targets[weight.name]
+        for (start, stop), gram in zip(bounds, grams, strict=True):
+            try:
+                keep[:, start:stop], new[:, start:stop] = method.solve(
+                    matrix[:, start:stop], gram, sparsity, nm, pruned[:, start:stop])
+            except InvalidValueError as error:
+                raise InvalidValueError(f"{method.name}, layer {weight.name!r}: {error}") from None
+        with torch.no_grad():
+            original = weight.original
+            original.copy_(from_matrix(weight.module, new * keep, current).to(original.dtype))
+        weight.set_mask(from_matrix(weight.module, keep, current))
