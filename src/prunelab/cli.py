@@ -186,6 +186,7 @@ def inspect(
     from prunelab import models as zoo
     from prunelab.checkpoint import load_checkpoint
     from prunelab.metrics import measure
+    from prunelab.structured.graph import zeros_input
 
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if input_shape:
@@ -209,7 +210,7 @@ def inspect(
         net = zoo.create(model, **kwargs)
         title = model
     shape = tuple(kwargs.get("input_shape") or zoo.default_input_shape(net))
-    stats = measure(net, torch.zeros(1, *shape))
+    stats = measure(net, zeros_input(net, shape))
     table = Table(title=f"{title}, input {shape}")
     for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs",
                    "eff. MACs"):

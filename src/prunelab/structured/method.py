@@ -29,6 +29,7 @@ from prunelab.structured.graph import (
     Graph,
     apply_plan,
     as_example,
+    head_block,
     output_layers,
 )
 from prunelab.targets import check_target, solve_ratio
@@ -102,10 +103,17 @@ class StructuredMethod(Method):
             raise InvalidValueError("no channel group is left to prune: check include/exclude")
         scores = [s.detach().float().cpu() for s in self.channel_scores(model, groups, data)]
 
+        blocks = [head_block(model, g) for g in groups]
+
         def plan_for(ratio: float) -> Plan:
             plan = _plan(groups, scores, ratio, scope, selection.layer_sparsity,
-                         self.comparable_across_layers, self.channel_count)
-            return _rounded(plan, groups, scores, self.round_to)
+                         self.comparable_across_layers, self.channel_count, blocks)
+            whole = [b > 1 for b in blocks]  # heads are already whole multiples
+            rounded = _rounded(plan, [g for g, w in zip(groups, whole, strict=True) if not w],
+                               [s for s, w in zip(scores, whole, strict=True) if not w],
+                               self.round_to)
+            return rounded | {g.root: plan[g.root] for g, w in zip(groups, whole, strict=True)
+                              if w and g.root in plan}
 
         ratio = sparsity
         if target != "sparsity":
@@ -150,8 +158,19 @@ class StructuredMethod(Method):
 
 def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, scope: str,
           overrides: dict[str, float], comparable: bool,
-          count: Callable[[float, int], int]) -> Plan:
-    """Channels to remove per group root: lowest scores first, never a group's last channel."""
+          count: Callable[[float, int], int], blocks: list[int] | None = None) -> Plan:
+    """Channels to remove per group root: lowest scores first, never a group's last channel.
+
+    A group with a block size ``b > 1`` (attention heads of ``b`` channels) is ranked and
+    removed in whole blocks scored by their mean; it keeps at least one block.
+    """
+    blocks = blocks or [1] * len(groups)
+    units = [s.view(-1, b).mean(1) if b > 1 else s for s, b in zip(scores, blocks, strict=True)]
+
+    def channels(i: int, picked: list[int]) -> list[int]:
+        b = blocks[i]
+        return sorted(u * b + j for u in picked for j in range(b)) if b > 1 else picked
+
     plan: Plan = {}
     shared: list[int] = []
     for i, group in enumerate(groups):
@@ -159,19 +178,26 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
         if own is None and scope == "global":
             shared.append(i)
             continue
-        removed = min(count(ratio if own is None else own, group.size), group.size - MIN_CHANNELS)
-        plan[group.root] = scores[i].argsort(stable=True)[:removed].tolist()
+        size = len(units[i])
+        removed = min(count(ratio if own is None else own, size), size - MIN_CHANNELS)
+        plan[group.root] = channels(i, units[i].argsort(stable=True)[:removed].tolist())
     if shared:
-        # Rank every channel but each group's best together (so each keeps >= 1 channel).
+        # Rank every unit but each group's best together (so each keeps >= 1 unit); a block
+        # counts as its channels towards the ratio.
         pooled = []
         for i in shared:
-            s = scores[i] if comparable else scores[i] / scores[i].abs().mean().clamp_min(1e-12)
+            s = units[i] if comparable else units[i] / units[i].abs().mean().clamp_min(1e-12)
             order = s.argsort(stable=True)
-            pooled += [(float(s[j]), i, int(j)) for j in order[: groups[i].size - MIN_CHANNELS]]
-        total = sum(groups[i].size for i in shared)
-        pooled.sort()
-        for _, i, j in pooled[: min(round(ratio * total), len(pooled))]:
-            plan.setdefault(groups[i].root, []).append(j)
+            pooled += [(float(s[j]), i, int(j)) for j in order[: len(units[i]) - MIN_CHANNELS]]
+        budget = round(ratio * sum(groups[i].size for i in shared))
+        picked: dict[int, list[int]] = {}
+        for _, i, j in sorted(pooled):
+            if budget < blocks[i] / 2:
+                continue  # a whole block would overshoot by more than half of it
+            picked.setdefault(i, []).append(j)
+            budget -= blocks[i]
+        for i, units_removed in picked.items():
+            plan[groups[i].root] = channels(i, units_removed)
     return plan
 
 
