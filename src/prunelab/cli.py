@@ -106,22 +106,31 @@ def _strategy(given: Any, kind: str | None, **options: Any) -> Any:
 
 
 def results_table(rows: list[dict]) -> Table:
-    """The run's rows as a rich table."""
+    """The run's rows as a rich table (a language model's show loss, perplexity and MACs per
+    token instead of top-1 and MACs per input)."""
+    language = any("test_perplexity" in row for row in rows)
     table = Table(title="pruning results (test set)")
-    for column in ("method", "sparsity", "top-1 %", "params", "non-zeros", "compression",
-                   "MACs", "eff. MACs", "latency ms"):
+    quality = ("loss nats/token", "perplexity") if language else ("top-1 %",)
+    macs = ("MACs/token", "eff. MACs/token") if language else ("MACs", "eff. MACs")
+    for column in ("method", "sparsity", *quality, "params", "non-zeros", "compression",
+                   *macs, "latency ms"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         latency = row.get("latency_ms")
+        if language:
+            cells = (f"{row['test_loss']:.4f}", f"{row['test_perplexity']:.3f}")
+            work = (f"{row['macs_per_token']:,.0f}", f"{row['effective_macs_per_token']:,.0f}")
+        else:
+            cells = (f"{row['test_top1']:.2f}",)
+            work = (f"{row['macs']:,}", f"{row['effective_macs']:,}")
         table.add_row(
             row["method"],
             f"{row['achieved_sparsity']:.3f}",
-            f"{row['test_top1']:.2f}",
+            *cells,
             f"{row['params']:,}",
             f"{row['nonzero_params']:,}",
             f"{row['compression']:.2f}x",
-            f"{row['macs']:,}",
-            f"{row['effective_macs']:,}",
+            *work,
             f"{latency:.3f}" if latency is not None else "-",
         )
     return table

@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from prunelab.errors import InvalidValueError
+from prunelab.metrics.accuracy import task_loss
 from prunelab.methods.base import UnstructuredMethod, register_method
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
@@ -33,7 +33,7 @@ class TaylorPruning(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        loss_fn = self.loss or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+        loss_fn = self.loss or (lambda out, y: task_loss(out, y, reduction="sum"))
         grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
         samples = 0
         with eval_mode(model), torch.enable_grad():
@@ -52,6 +52,6 @@ class TaylorPruning(UnstructuredMethod):
                     for i, g in zip(owners, found, strict=True):
                         if g is not None:  # None: a holder the forward did not use
                             grads[i] += g.float()
-                samples += len(y)
+                samples += y.numel()  # every token of a language model is a sample
         pairs = zip(weights, grads, strict=True)
         return [(w.weight.detach().float() * g / samples).abs() for w, g in pairs]
