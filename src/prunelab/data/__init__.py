@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from prunelab.data import text as _text  # noqa: F401  (registers the text datasets)
 from prunelab.data.bundle import DataBundle, Split, TensorBatches, crop_and_flip
 from prunelab.data.images import ImageFiles, cache_dir
-from prunelab.data import text as _text  # noqa: F401  (registers the text datasets)
 from prunelab.data.sources import DATASETS, Images
 from prunelab.errors import InvalidValueError
 

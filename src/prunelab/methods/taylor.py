@@ -10,8 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from prunelab.errors import InvalidValueError
-from prunelab.metrics.accuracy import task_loss
 from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.metrics.accuracy import task_loss
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
 

@@ -157,7 +157,8 @@ def measure(
 
     Returns params, non-zero params, compression, dense and effective FLOPs (and MACs), for a
     language model (token ids ``(batch, length)`` as input) MACs per token (attention included:
-    each token's share of the whole sequence's MACs), a per-layer breakdown and, with ``latency=True``, the measured median forward time.
+    each token's share of the whole sequence's MACs), a per-layer breakdown and, with
+    ``latency=True``, the measured median forward time.
 
     ``reference`` is the model this one was pruned from (a module, measured here on the same input,
     its latency too when ``latency=True``), or its :class:`Measurement`, or a dict with ``params``
