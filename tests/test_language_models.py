@@ -171,6 +171,17 @@ def test_global_head_pruning_keeps_a_head_per_layer_and_reaches_the_ratio() -> N
     assert all(b.attn.heads >= 1 for b in pruned.blocks)
 
 
+def test_vit_loses_heads_and_mlp_neurons_and_still_runs() -> None:
+    torch.manual_seed(0)
+    model = models.create("vit-cifar", layers=2, width=48, heads=3)
+    x = torch.randn(2, 3, 32, 32)
+    pruned = prunelab.prune(model, "l2-channel", 0.34, scope="layer",
+                            include=["*.attn.*", "*.fc1"], example_input=x)
+    assert [b.attn.heads for b in pruned.blocks] == [2, 2]  # round(0.34 * 3) = 1 head each
+    assert all(b.attn.head_dim == 16 and b.fc1.out_features == 63 for b in pruned.blocks)
+    assert pruned(x).shape == (2, 10)
+
+
 def test_head_pruned_checkpoint_reloads_from_the_zoo_name(tmp_path: Path) -> None:
     x = token_batches(1)[0][0]
     pruned = prunelab.prune(gpt(), "l2-channel", 0.5, scope="layer", include=["*.attn.*"],
