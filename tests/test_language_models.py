@@ -278,6 +278,11 @@ def test_macs_per_token_by_hand() -> None:
                                            torch.zeros(1, 1, 28, 28)).summary()
 
 
+def test_inspect_prints_macs_per_token() -> None:
+    result = runner.invoke(app, ["inspect", "gpt-char", "--num-classes", "65"])
+    assert result.exit_code == 0 and "MACs per token: 860,288" in result.output
+
+
 def test_training_lowers_the_loss_and_keeps_the_best_by_loss() -> None:
     from prunelab.training import TrainRecipe, train
 

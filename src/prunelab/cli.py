@@ -241,6 +241,11 @@ def inspect(
                   f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}", f"{stats.effective_macs:,}")
     console.print(table)
     console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
+    if stats.tokens:  # a language model: the sequence's MACs per token, attention included
+        summary = stats.summary()
+        console.print(f"MACs per token: {summary['macs_per_token']:,.0f} "
+                      f"(effective {summary['effective_macs_per_token']:,.0f}) over "
+                      f"{stats.tokens} tokens")
 
 
 @app.command()
