@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from typer.testing import CliRunner
 
@@ -180,6 +182,31 @@ def test_vit_loses_heads_and_mlp_neurons_and_still_runs() -> None:
     assert [b.attn.heads for b in pruned.blocks] == [2, 2]  # round(0.34 * 3) = 1 head each
     assert all(b.attn.head_dim == 16 and b.fc1.out_features == 63 for b in pruned.blocks)
     assert pruned(x).shape == (2, 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1, 4, 8])), min_size=1,
+                max_size=5),
+       st.floats(0.0, 0.95), st.integers(0, 2**31 - 1))
+def test_block_plans_remove_whole_heads_and_meet_the_ratio(shapes, ratio, seed) -> None:
+    from prunelab.structured.graph import ChannelGroup
+    from prunelab.structured.method import _plan
+
+    g = torch.Generator().manual_seed(seed)
+    groups = [ChannelGroup(f"g{i}", nn.Identity(), units * block)
+              for i, (units, block) in enumerate(shapes)]
+    blocks = [block for _, block in shapes]
+    scores = [torch.rand(group.size, generator=g) for group in groups]
+    plan = _plan(groups, scores, ratio, "global", {}, False, round, blocks)
+    for group, block in zip(groups, blocks, strict=True):
+        removed = set(plan.get(group.root, []))
+        assert len(removed) <= group.size - block  # at least one head (or channel) stays
+        heads = {c // block for c in removed}
+        assert removed == {h * block + j for h in heads for j in range(block)}  # whole heads
+    removable = sum(group.size - block for group, block in zip(groups, blocks, strict=True))
+    target = min(round(ratio * sum(group.size for group in groups)), removable)
+    total = sum(len(v) for v in plan.values())
+    assert abs(total - target) <= max(blocks) / 2 or total == removable
 
 
 def test_head_pruned_checkpoint_reloads_from_the_zoo_name(tmp_path: Path) -> None:
