@@ -119,7 +119,7 @@ def test_every_unstructured_method_prunes_the_vit(method: str) -> None:
     assert mask_sparsity(model) == pytest.approx(0.6, abs=1e-3)
 
 
-def test_taylor_on_a_language_model_uses_per_token_gradients() -> None:
+def test_taylor_on_a_language_model_is_a_mean_over_batches() -> None:
     # Same batches twice: the mean gradient, hence the scores, are unchanged.
     model, batches = gpt(), token_batches(1)
     once = prunelab.methods.METHODS.get("taylor")().scores(model, prunable_weights(model), batches)

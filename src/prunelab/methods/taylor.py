@@ -52,6 +52,6 @@ class TaylorPruning(UnstructuredMethod):
                     for i, g in zip(owners, found, strict=True):
                         if g is not None:  # None: a holder the forward did not use
                             grads[i] += g.float()
-                samples += y.numel()  # every token of a language model is a sample
+                samples += len(y)
         pairs = zip(weights, grads, strict=True)
         return [(w.weight.detach().float() * g / samples).abs() for w, g in pairs]
