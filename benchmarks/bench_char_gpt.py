@@ -5,10 +5,10 @@ lr 1e-3 decaying to 1e-4, no dropout) reaches a validation loss of about 1.88 na
 the last 10% of the text. Here ``gpt-char`` with the same shape is trained with prunelab's loop
 for about as many tokens (2 passes over the non-overlapping 64-character training windows in
 batches of 12, AdamW, cosine decay to 0), and evaluated on every window of the last 10% of the
-text (prunelab's test split = nanoGPT's "val"). Then, without fine-tuning, pruned one-shot to 50%
-(more with --sparsities) by each unstructured criterion, on all prunable tensors (embeddings and the output
-layer included) or only the transformer blocks (what LLM pruning papers do); loss and perplexity
-of each. The trained weights are saved (with the zoo name) for other benchmarks to reuse.
+text (prunelab's test split = nanoGPT's "val"). Then, without fine-tuning, pruned one-shot to
+50% (more with --sparsities) by each unstructured criterion, on all prunable tensors (embeddings
+and the output layer included) or only the transformer blocks (what LLM pruning papers do); loss
+and perplexity of each. The trained weights are saved (with the zoo name) for other benchmarks to reuse.
 """
 
 from __future__ import annotations
