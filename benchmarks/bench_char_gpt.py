@@ -8,7 +8,8 @@ batches of 12, AdamW, cosine decay to 0), and evaluated on every window of the l
 text (prunelab's test split = nanoGPT's "val"). Then, without fine-tuning, pruned one-shot to
 50% (more with --sparsities) by each unstructured criterion, on all prunable tensors (embeddings
 and the output layer included) or only the transformer blocks (what LLM pruning papers do); loss
-and perplexity of each. The trained weights are saved (with the zoo name) for other benchmarks to reuse.
+and perplexity of each. The trained weights are saved (with the zoo name) for other benchmarks
+to reuse.
 """
 
 from __future__ import annotations
