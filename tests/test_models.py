@@ -28,6 +28,7 @@ ZOO = [
     "vgg11-cifar",
     "vgg16-cifar",
     "vgg19-cifar",
+    "vit-cifar",
 ]
 
 
@@ -64,7 +65,7 @@ def cifar_resnet_reference(n: int, classes: int = 10) -> tuple[int, int]:
 
 
 def test_zoo_names_and_descriptions() -> None:
-    assert models.names() == ZOO
+    assert models.names() == sorted([*ZOO, "gpt-char"])  # gpt-char: tests/test_language_models
     for name in ZOO:
         text = models.describe(name)
         assert text and "\n" not in text

@@ -110,22 +110,31 @@ def _strategy(given: Any, kind: str | None, **options: Any) -> Any:
 
 
 def results_table(rows: list[dict]) -> Table:
-    """The run's rows as a rich table."""
+    """The run's rows as a rich table (a language model's show loss, perplexity and MACs per
+    token instead of top-1 and MACs per input)."""
+    language = any("test_perplexity" in row for row in rows)
     table = Table(title="pruning results (test set)")
-    for column in ("method", "sparsity", "top-1 %", "params", "non-zeros", "compression",
-                   "MACs", "eff. MACs", "latency ms"):
+    quality = ("loss nats/token", "perplexity") if language else ("top-1 %",)
+    macs = ("MACs/token", "eff. MACs/token") if language else ("MACs", "eff. MACs")
+    for column in ("method", "sparsity", *quality, "params", "non-zeros", "compression",
+                   *macs, "latency ms"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for row in rows:
         latency = row.get("latency_ms")
+        if language:
+            cells = (f"{row['test_loss']:.4f}", f"{row['test_perplexity']:.3f}")
+            work = (f"{row['macs_per_token']:,.0f}", f"{row['effective_macs_per_token']:,.0f}")
+        else:
+            cells = (f"{row['test_top1']:.2f}",)
+            work = (f"{row['macs']:,}", f"{row['effective_macs']:,}")
         table.add_row(
             row["method"],
             f"{row['achieved_sparsity']:.3f}",
-            f"{row['test_top1']:.2f}",
+            *cells,
             f"{row['params']:,}",
             f"{row['nonzero_params']:,}",
             f"{row['compression']:.2f}x",
-            f"{row['macs']:,}",
-            f"{row['effective_macs']:,}",
+            *work,
             f"{latency:.3f}" if latency is not None else "-",
         )
     return table
@@ -199,6 +208,7 @@ def inspect(
     from prunelab import models as zoo
     from prunelab.checkpoint import load_checkpoint
     from prunelab.metrics import measure
+    from prunelab.structured.graph import zeros_input
 
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if input_shape:
@@ -222,7 +232,7 @@ def inspect(
         net = zoo.create(model, **kwargs)
         title = model
     shape = tuple(kwargs.get("input_shape") or zoo.default_input_shape(net))
-    stats = measure(net, torch.zeros(1, *shape))
+    stats = measure(net, zeros_input(net, shape))
     table = Table(title=f"{title}, input {shape}")
     for column in ("layer", "type", "weight shape", "params", "non-zeros", "density", "MACs",
                    "eff. MACs"):
@@ -244,6 +254,11 @@ def inspect(
                   f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}", f"{stats.effective_macs:,}")
     console.print(table)
     console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
+    if stats.tokens:  # a language model: the sequence's MACs per token, attention included
+        summary = stats.summary()
+        console.print(f"MACs per token: {summary['macs_per_token']:,.0f} "
+                      f"(effective {summary['effective_macs_per_token']:,.0f}) over "
+                      f"{stats.tokens} tokens")
 
 
 @app.command()

@@ -42,6 +42,8 @@ from prunelab.utils import seed_everything
 #: Config types accepting any registered schedule / recovery (``{kind: ..., options}``).
 ScheduleConfig = strategy_field(SCHEDULES, "one-shot")
 RecoveryConfig = strategy_field(RECOVERIES, "finetune")
+#: Datasets of token sequences, trained with the language-model presets.
+TEXT_DATASETS = ("tinyshakespeare",)
 
 
 class LatencyConfig(CheckedModel):
@@ -58,6 +60,8 @@ def auto_preset(dataset: str, stage: str) -> str:
         return "digits" if stage == "train" else "digits-finetune"
     if "mnist" in dataset:
         return "mnist" if stage == "train" else "cpu-finetune"
+    if dataset in TEXT_DATASETS:
+        return "char-lm" if stage == "train" else "char-lm-finetune"
     return "cpu-cifar" if stage == "train" else "cpu-finetune"
 
 
@@ -72,6 +76,8 @@ class ExperimentConfig(CheckedModel):
         "train", description="train the dense model, or start from the reference weights "
                              "shipped for this model and dataset")
     dataset: str = "digits"
+    dataset_options: dict[str, Any] = Field(
+        default_factory=dict, description="loader options, e.g. {block_size: 128}")
     data_dir: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
     data_limit: int | None = Field(None, ge=1, description="samples per split (CPU budgets)")
@@ -119,11 +125,13 @@ class ExperimentConfig(CheckedModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """Leave ``dense`` out at its default, so the keys of stored results stay what they
-        were before the field existed."""
+        """Leave ``dense`` at its default and empty ``dataset_options`` out, so config hashes
+        (the keys of stored results) stay what they were before those fields existed."""
         data = handler(self)
         if data.get("dense") == "train":
             del data["dense"]
+        if not data.get("dataset_options"):
+            data.pop("dataset_options", None)
         return data
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
@@ -152,8 +160,9 @@ class ExperimentConfig(CheckedModel):
         Methods that train the model before pruning their own way (Network Slimming's sparse
         BN scales) get their own dense model: ``choice`` names it.
         """
-        fields = ("model", "model_kwargs", "dense", "dataset", "val_fraction", "data_limit",
-                  "train", "keep_best", "latency")  # latency: its batch size sets the row's FLOPs
+        fields = ("model", "model_kwargs", "dense", "dataset", "dataset_options", "val_fraction",
+                  "data_limit", "train", "keep_best",
+                  "latency")  # latency: its batch size sets the row's FLOPs
         variant = training_variant(choice)
         return config_hash({"dense": self.model_dump(include=set(fields), mode="json"),
                             "seed": seed} | ({"variant": variant} if variant else {}))
@@ -238,7 +247,8 @@ class Experiment:
     @cached_property
     def bundle(self) -> datasets.DataBundle:
         c = self.config
-        return datasets.load(c.dataset, c.data_dir, val_fraction=c.val_fraction, limit=c.data_limit)
+        return datasets.load(c.dataset, c.data_dir, val_fraction=c.val_fraction,
+                             limit=c.data_limit, **c.dataset_options)
 
     def loader(self, split: str, batch_size: int, seed: int = 0, shuffle: bool = False):
         key = (split, batch_size, seed, shuffle)
@@ -366,6 +376,8 @@ class Experiment:
         }
         if "top5" in test:
             row["test_top5"] = test["top5"]
+        if "perplexity" in test:  # a language model: loss in nats per token, and perplexity
+            row["test_perplexity"] = test["perplexity"]
         row.update(size.summary())
         if dense is not None:
             if structure_of(model):  # channels removed, no masks: the parameters removed
@@ -373,6 +385,7 @@ class Experiment:
             row["compression"] = dense.row["params"] / max(size.nonzero_params, 1)
             row["theoretical_speedup"] = dense.row["flops"] / max(size.effective_flops, 1)
             row["dense_top1"] = dense.row["test_top1"]
+            row["dense_loss"] = dense.row["test_loss"]
             if row.get("latency_ms") and dense.row.get("latency_ms"):
                 row["measured_speedup"] = dense.row["latency_ms"] / row["latency_ms"]
         row["seconds"] = seconds

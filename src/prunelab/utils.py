@@ -107,6 +107,17 @@ def check_input(model: nn.Module, x: object) -> None:
     if not shape:
         return
     name = type(model).__name__
+    wants_tokens = not getattr(model, "input_dtype", torch.float32).is_floating_point
+    tokens = not x.dtype.is_floating_point and x.dtype != torch.uint8
+    if wants_tokens and not tokens:
+        raise InvalidValueError(
+            f"{name} is a language model: it takes token ids of shape (batch, {shape[0]}), got "
+            f"{x.dtype} data of shape {tuple(x.shape)} (images? use a text dataset such as "
+            "tinyshakespeare)")
+    if tokens and not wants_tokens:
+        raise InvalidValueError(
+            f"{name} takes {x.dtype} token ids of shape {tuple(x.shape)} as if they were "
+            f"features; it is not a language model (for text use one, such as gpt-char)")
     if x.dim() != len(shape) + 1 or (len(shape) == 3 and x.shape[1] != shape[0]):
         hint = (": add the batch dimension (x.unsqueeze(0))" if tuple(x.shape) == shape else "")
         raise InvalidValueError(f"{name} takes inputs of shape {expected_input(model)}, got "

@@ -11,12 +11,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from prunelab.bench.stats import language_model_rows
 from prunelab.bench.store import COLUMNS, ResultStore
 from prunelab.bench.sweep import STORE
 from prunelab.errors import PrunelabError
 
 SHOWN = ("label", "recovery", "target_kind", "target_value", "seed", "test_top1",
          "achieved_sparsity", "compression", "theoretical_speedup", "latency_ms", "seconds")
+#: Language-model rows show the loss (nats/token) and perplexity instead of top-1.
+SHOWN_LM = ("label", "recovery", "target_kind", "target_value", "seed", "test_loss",
+            "test_perplexity", "achieved_sparsity", "compression", "theoretical_speedup",
+            "latency_ms", "seconds")
 FAILED = ("label", "recovery", "target_kind", "target_value", "seed", "error")
 
 
@@ -42,7 +47,7 @@ def show_results(folder: Path, filters: Mapping[str, str], *, failed: bool = Fal
         raise PrunelabError(f"bad --where value: {exc}") from None
     with ResultStore(path, readonly=True) as store:
         rows = store.rows(typed, status="failed" if failed else "ok")
-    columns = FAILED if failed else SHOWN
+    columns = FAILED if failed else SHOWN_LM if language_model_rows(rows) else SHOWN
     table = Table(title=f"{len(rows)} {'failed ' if failed else ''}runs in {folder}")
     for column in columns:
         table.add_column(column)

@@ -45,9 +45,36 @@ def group_rows(rows: Iterable[Mapping[str, Any]], keys: tuple[str, ...] = GROUP_
     return dict(groups)
 
 
+@dataclass(frozen=True)
+class Metric:
+    """The quality a report ranks runs by: its column, its label and its direction."""
+
+    column: str
+    label: str
+    unit: str
+    higher_is_better: bool
+
+
+TOP1 = Metric("test_top1", "test top-1 accuracy", "%", True)
+LM_LOSS = Metric("test_loss", "test loss", " nats/token", False)
+
+
+def language_model_rows(rows: Iterable[Mapping[str, Any]]) -> bool:
+    """True when the rows are a language model's (they carry a perplexity)."""
+    return any(r.get("test_perplexity") is not None for r in rows)
+
+
+def quality_metric(rows: Iterable[Mapping[str, Any]]) -> Metric:
+    """Top-1 accuracy for classifiers, the loss (nats per token) for language models."""
+    return LM_LOSS if language_model_rows(rows) else TOP1
+
+
 def table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One line per method × recovery × target: top-1 mean/std/CI and mean size and speed."""
+    """One line per method × recovery × target: top-1 mean/std/CI and mean size and speed
+    (for language models also the loss's mean/std/CI and the mean perplexity)."""
     lines = []
+    rows = list(rows)
+    language = language_model_rows(rows)
     runs = [r for r in rows if r.get("method") != "dense"]
     def order(item: tuple) -> tuple:
         label, recovery, kind, value = item[0]
@@ -62,6 +89,11 @@ def table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "speedup": statistics.fmean(r["theoretical_speedup"] for r in members),
             "measured_speedup": _mean_or_none(r.get("measured_speedup") for r in members),
         })
+        if language:
+            loss = summarize(r["test_loss"] for r in members)
+            lines[-1].update(loss_mean=loss.mean, loss_std=loss.std, loss_ci95=loss.ci95,
+                             perplexity_mean=_mean_or_none(r.get("test_perplexity")
+                                                           for r in members))
     return lines
 
 
@@ -73,14 +105,18 @@ def pareto_front(points: list[tuple[float | None, float]]) -> list[bool]:
         ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in known) for x, y in points]
 
 
-def mark_pareto(lines: list[dict[str, Any]], dense: Summary | None = None) -> list[dict[str, Any]]:
+def mark_pareto(lines: list[dict[str, Any]], dense: Summary | None = None,
+                metric: Metric = TOP1) -> list[dict[str, Any]]:
     """Add ``pareto_theoretical`` / ``pareto_measured`` to each line of :func:`table`: on the
-    front of mean top-1 against mean theoretical / measured speed-up. The unpruned model (speed-up
-    1) takes part, so a pruned model slower and less accurate than it is never on the front."""
-    for key, flag in (("speedup", "pareto_theoretical"), ("measured_speedup", "pareto_measured")):
-        points = [(line[key], line["top1_mean"]) for line in lines]
+    front of the mean quality (top-1, or minus the loss of a language model) against mean
+    theoretical / measured speed-up. The unpruned model (speed-up 1, ``dense``) takes part, so a
+    pruned model slower and worse than it is never on the front."""
+    key, sign = ("top1_mean", 1.0) if metric.higher_is_better else ("loss_mean", -1.0)
+    for speed, flag in (("speedup", "pareto_theoretical"),
+                        ("measured_speedup", "pareto_measured")):
+        points = [(line[speed], sign * line[key]) for line in lines]
         if dense is not None and dense.n:
-            points.append((1.0, dense.mean))
+            points.append((1.0, sign * dense.mean))
         for line, on in zip(lines, pareto_front(points), strict=False):
             line[flag] = on
     return lines

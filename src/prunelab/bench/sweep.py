@@ -270,7 +270,10 @@ class _Display:
                 f"{row.get('target_value')}")
         seed = task.get("seed", task.get("run", {}).get("seed"))
         if row["status"] == "ok":
-            self.console.print(f"ok     {what} seed {seed}: top-1 {row['test_top1']:.2f}% "
+            quality = (f"loss {row['test_loss']:.3f} nats/token"
+                       if row.get("test_perplexity") is not None
+                       else f"top-1 {row['test_top1']:.2f}%")
+            self.console.print(f"ok     {what} seed {seed}: {quality} "
                                f"({row.get('seconds', 0):.1f} s)", markup=False)
         else:
             self.console.print(f"FAILED {what} seed {seed}: {row.get('error')}", markup=False)

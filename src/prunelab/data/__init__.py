@@ -3,6 +3,7 @@
 >>> bundle = load("digits")                           # embedded, no download
 >>> bundle = load("cifar10", root="~/data")           # or $PRUNELAB_DATA; downloads when online
 >>> bundle = load("imagefolder:~/my-images")          # your own ImageFolder-layout data
+>>> bundle = load("tinyshakespeare", block_size=64)   # (ids, next-char targets) windows
 >>> for x, y in bundle.loader("train", 128, shuffle=True, seed=0): ...
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from prunelab.data import text as _text  # noqa: F401  (registers the text datasets)
 from prunelab.data.bundle import DataBundle, Split, TensorBatches, crop_and_flip
 from prunelab.data.images import ImageFiles, cache_dir
 from prunelab.data.sources import DATASETS, Images

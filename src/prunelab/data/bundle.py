@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from prunelab.errors import InvalidValueError
 
-Split = tuple[torch.Tensor, torch.Tensor]  # (images N x C x H x W, int64 labels N)
+# (images N x C x H x W, int64 labels N), or (token ids N x T, next-token targets N x T)
+Split = tuple[torch.Tensor, torch.Tensor]
 AUGMENTATIONS = ("cifar",)
 
 
@@ -103,6 +104,8 @@ class TensorBatches:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.augment, self.drop_last, self.channels_last = augment, drop_last, channels_last
         self.epoch = 0
+        #: Integer inputs other than uint8 pixels are token ids: neither normalised nor augmented.
+        self.tokens = not images.dtype.is_floating_point and images.dtype != torch.uint8
         # x_normalised = raw * scale + shift, with raw in [0, 255] (uint8) or [0, 1] (float)
         extent = 255.0 if images.dtype == torch.uint8 else 1.0
         shape = (1, -1) + (1,) * (images.dim() - 2) if images.dim() > 2 else (1, -1)
@@ -134,6 +137,9 @@ class TensorBatches:
                 x, y = self.images[order[index]], self.labels[order[index]]
             else:
                 x, y = self.images[index], self.labels[index]
+            if self.tokens:  # token ids go to the model as they are
+                yield x, y
+                continue
             if self.augment == "cifar":
                 x = crop_and_flip(x, generator)
             x = x.float() * self._scale + self._shift

@@ -123,6 +123,33 @@ def _rnn_input(module: nn.RNNBase, param: str) -> InputObserver:
     return InputObserver(collect, lambda rms: rms.unsqueeze(0).expand_as(weight))
 
 
+#: Observers of custom layer types: ``type -> (module, parameter name) -> InputObserver``.
+_OBSERVERS: dict[type[nn.Module], Callable[[nn.Module, str], InputObserver]] = {}
+
+
+def register_input_observer(module_type: type[nn.Module],
+                            factory: Callable[[nn.Module, str], InputObserver]) -> None:
+    """Say how to observe the input of a custom layer type's prunable tensors (e.g. the
+    transposed ``Conv1D`` of Hugging Face's GPT-2); the most specific registered class wins."""
+    _OBSERVERS[module_type] = factory
+
+
+def features_observer(module: nn.Module, param: str, dim: int) -> InputObserver:
+    """An observer for a tensor whose dimension ``dim`` indexes the features of the last
+    dimension of the module's first input (``dim=1`` for a Linear, ``0`` for a transposed
+    one)."""
+    weight = getattr(module, param)
+    size = weight.shape[dim]
+
+    def collect(args: tuple, kwargs: dict):
+        return _features(args[0], size)
+
+    def spread(rms: torch.Tensor) -> torch.Tensor:
+        return rms.unsqueeze(1 - dim).expand_as(weight)
+
+    return InputObserver(collect, spread)
+
+
 def input_observer(weight: PrunableWeight, method: str = "activation") -> InputObserver:
     """The observer for ``weight``; a clear error where its input cannot be observed."""
     module, param = weight.module, weight.param
@@ -131,15 +158,22 @@ def input_observer(weight: PrunableWeight, method: str = "activation") -> InputO
             f"{method} cannot score {weight.name!r}: the tensor is shared with "
             f"{', '.join(repr(n) for n in weight.names[1:])}, which multiply different inputs; "
             f"exclude it (exclude=[{weight.name!r}]) or use another criterion (magnitude, taylor)")
+    custom = next((_OBSERVERS[c] for c in type(module).__mro__ if c in _OBSERVERS), None)
+    if custom is not None:
+        return custom(module, param)
     if param == "weight" and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
         return _layer(module)
-    if param == "weight" and isinstance(module, nn.Embedding):
+    if (param == "weight" and isinstance(module, nn.Embedding)
+            and type(module).forward is nn.Embedding.forward):
         return _embedding(module)
     if isinstance(module, nn.MultiheadAttention) and param.endswith("proj_weight"):
         return _attention(module, param)
     if isinstance(module, nn.RNNBase) and param in ("weight_ih_l0", "weight_ih_l0_reverse"):
         return _rnn_input(module, param)
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, nn.Embedding):  # a subclass whose forward does not take the ids
+        reason = (f"{type(module).__name__} computes the rows it looks up inside its forward "
+                  "(positions from a mask, say)")
+    elif isinstance(module, nn.RNNBase):
         what = "the recurrent state" if param.startswith("weight_hh") else (
             "the output of the layer below" if param.startswith("weight_ih") else "the cell output")
         reason = f"it multiplies {what}, computed inside {type(module).__name__}"

@@ -6,12 +6,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from prunelab.errors import InvalidValueError
 from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.metrics.accuracy import task_loss
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
 
@@ -33,7 +33,7 @@ class TaylorPruning(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        loss_fn = self.loss or (lambda out, y: F.cross_entropy(out, y, reduction="sum"))
+        loss_fn = self.loss or (lambda out, y: task_loss(out, y, reduction="sum"))
         grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
         samples = 0
         with eval_mode(model), torch.enable_grad():

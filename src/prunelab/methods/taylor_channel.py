@@ -6,11 +6,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import InvalidValueError
 from prunelab.methods.base import register_method
+from prunelab.metrics.accuracy import task_loss
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.graph import Member
 from prunelab.utils import eval_mode, iter_batches
@@ -43,7 +43,7 @@ class TaylorChannelPruning(StructuredMethod):
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
                        data: Iterable | None) -> list[torch.Tensor]:
-        loss_fn = self.loss or F.cross_entropy
+        loss_fn = self.loss or task_loss
         params = [_channel_params(g) for g in groups]
         scores = [torch.zeros(g.size) for g in groups]
         with eval_mode(model), torch.enable_grad():

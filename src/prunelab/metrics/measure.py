@@ -60,6 +60,8 @@ class Measurement:
     reference_params: int | None = None
     reference_flops: int | None = None
     reference_latency_ms: float | None = None
+    #: Tokens in the example input when it is token ids (a language model), else None.
+    tokens: int | None = None
 
     @property
     def macs(self) -> int:
@@ -117,6 +119,9 @@ class Measurement:
             "effective_macs": self.effective_macs,
             "theoretical_speedup": self.theoretical_speedup,
         }
+        if self.tokens:
+            out["macs_per_token"] = self.macs / self.tokens
+            out["effective_macs_per_token"] = self.effective_macs / self.tokens
         if self.reference_params is not None:
             out["reference_params"] = self.reference_params
             out["reference_flops"] = self.baseline_flops
@@ -150,8 +155,10 @@ def measure(
 ) -> Measurement:
     """Measure a (possibly pruned) model on ``example_input``.
 
-    Returns params, non-zero params, compression, dense and effective FLOPs (and MACs), a
-    per-layer breakdown and, with ``latency=True``, the measured median forward time.
+    Returns params, non-zero params, compression, dense and effective FLOPs (and MACs), for a
+    language model (token ids ``(batch, length)`` as input) MACs per token (attention included:
+    each token's share of the whole sequence's MACs), a per-layer breakdown and, with
+    ``latency=True``, the measured median forward time.
 
     ``reference`` is the model this one was pruned from (a module, measured here on the same input,
     its latency too when ``latency=True``), or its :class:`Measurement`, or a dict with ``params``
@@ -204,8 +211,14 @@ def measure(
         effective_flops=count.effective_flops,
         layers=layers,
         latency=timing,
+        tokens=first.numel() if first is not None and _is_token_ids(first) else None,
         **base,
     )
+
+
+def _is_token_ids(x: torch.Tensor) -> bool:
+    """Integer ``(batch, length)`` input: token ids of a language model."""
+    return x.dim() == 2 and not x.dtype.is_floating_point and not x.dtype.is_complex
 
 
 def _reference(reference: Reference | None, example_input, latency: bool, repeats: int,

@@ -14,6 +14,7 @@ A prunable tensor's *name* is the module's qualified name for a ``weight`` (``"f
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -71,8 +72,18 @@ register_prunable(nn.MultiheadAttention, _attention_params)
 register_prunable(nn.RNNBase, _rnn_params)
 
 
+def _register_integrations() -> None:
+    """Register optional libraries' layer types once the library is imported (Hugging Face
+    ``transformers``: GPT-2's Conv1D), so their models prune without a setup call."""
+    if "transformers.pytorch_utils" in sys.modules:
+        from prunelab import hf
+
+        hf.register()
+
+
 def prunable_parameter_names(module: nn.Module) -> list[str]:
     """Names of ``module``'s own prunable parameters (``[]`` for an unregistered type)."""
+    _register_integrations()
     spec = next((_PRUNABLE[c] for c in type(module).__mro__ if c in _PRUNABLE), ())
     names = list(spec(module) if callable(spec) else spec)
     for name in names:

@@ -141,7 +141,33 @@ def as_example(model: nn.Module, example_input: torch.Tensor | None,
             "structured pruning traces the model: pass example_input=<a batch of inputs> "
             "(or data=...)"
         )
-    return torch.zeros(1, *shape)
+    return zeros_input(model, shape)
+
+
+def zeros_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
+    """One all-zero input of ``shape``, of the model's input type (token ids for a language
+    model: ``model.input_dtype``)."""
+    return torch.zeros(1, *shape, dtype=getattr(model, "input_dtype", torch.float32))
+
+
+#: Names of the query/key/value projections inside an attention module with ``head_dim``.
+HEAD_PROJECTIONS = frozenset({"query", "key", "value", "q_proj", "k_proj", "v_proj"})
+
+
+def head_block(model: nn.Module, group: ChannelGroup) -> int:
+    """The attention ``head_dim`` when ``group`` is the channels of query/key/value
+    projections (removed a whole head at a time, so the module keeps its ``head_dim`` and
+    loses heads), else 1."""
+    for member in group.producers:
+        parent, _, child = member.name.rpartition(".")
+        head_dim = getattr(model.get_submodule(parent), "head_dim", None)
+        if child in HEAD_PROJECTIONS and isinstance(head_dim, int) and head_dim > 1:
+            if group.size % head_dim:
+                raise InvalidValueError(
+                    f"layer {member.name!r} has {group.size} outputs, not whole heads of "
+                    f"{head_dim}; exclude it (exclude=[{group.root!r}])")
+            return head_dim
+    return 1
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -359,7 +385,7 @@ def _refuse(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
 def replay_structure(model: nn.Module, history: list[dict]) -> nn.Module:
     """Repeat recorded removals on a freshly built model, giving it the pruned architecture."""
     for step in history:
-        apply_plan(model, step["plan"], torch.zeros(1, *step["input_shape"]))
+        apply_plan(model, step["plan"], zeros_input(model, step["input_shape"]))
         if "reference" in step:  # the original's size, which later targets are relative to
             getattr(model, STRUCTURE_ATTR)[-1]["reference"] = step["reference"]
     return model

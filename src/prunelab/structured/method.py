@@ -31,6 +31,7 @@ from prunelab.structured.graph import (
     _restore,
     apply_plan,
     as_example,
+    head_block,
     output_layers,
     removed_so_far,
     structure_of,
@@ -122,10 +123,18 @@ class StructuredMethod(Method):
                     "re-train the model before pruning it")
         done = removed_so_far(model)
 
+        blocks = [head_block(model, g) for g in groups]
+
         def plan_for(ratio: float) -> Plan:
             plan = _plan(groups, scores, ratio, scope, selection.layer_sparsity,
-                         self.comparable_across_layers, self.channel_count, done)
-            return _symmetric(_rounded(plan, groups, scores, self.round_to), groups, scores)
+                         self.comparable_across_layers, self.channel_count, done, blocks)
+            whole = [b > 1 for b in blocks]  # heads are already whole multiples
+            rounded = _rounded(plan, [g for g, w in zip(groups, whole, strict=True) if not w],
+                               [s for s, w in zip(scores, whole, strict=True) if not w],
+                               self.round_to)
+            rounded |= {g.root: plan[g.root] for g, w in zip(groups, whole, strict=True)
+                        if w and g.root in plan}
+            return _symmetric(rounded, groups, scores)
 
         reference = _reference(model, example)
         ratio = sparsity
@@ -224,12 +233,22 @@ class StructuredMethod(Method):
 
 def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, scope: str,
           overrides: dict[str, float], comparable: bool,
-          count: Callable[[float, int], int], done: dict[str, int]) -> Plan:
+          count: Callable[[float, int], int], done: dict[str, int],
+          blocks: list[int] | None = None) -> Plan:
     """Channels to remove per group root: lowest scores first, never a group's last channel.
 
     Ratios are of the original channels (``done``: how many each group lost before), so a
-    repeated call prunes on to the target instead of compounding.
+    repeated call prunes on to the target instead of compounding. A group with a block size
+    ``b > 1`` (attention heads of ``b`` channels) is ranked and removed in whole blocks scored
+    by their mean; it keeps at least one block.
     """
+    blocks = blocks or [1] * len(groups)
+    units = [s.view(-1, b).mean(1) if b > 1 else s for s, b in zip(scores, blocks, strict=True)]
+
+    def channels(i: int, picked: list[int]) -> list[int]:
+        b = blocks[i]
+        return sorted(u * b + j for u in picked for j in range(b)) if b > 1 else picked
+
     plan: Plan = {}
     shared: list[int] = []
     for i, group in enumerate(groups):
@@ -238,21 +257,27 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
             shared.append(i)
             continue
         original = group.size + done.get(group.root, 0)
-        removed = count(ratio if own is None else own, original) - done.get(group.root, 0)
-        removed = max(min(removed, group.size - MIN_CHANNELS), 0)
-        plan[group.root] = scores[i].argsort(stable=True)[:removed].tolist()
+        wanted = count(ratio if own is None else own, original) - done.get(group.root, 0)
+        removed = max(min(round(wanted / blocks[i]), len(units[i]) - MIN_CHANNELS), 0)
+        plan[group.root] = channels(i, units[i].argsort(stable=True)[:removed].tolist())
     if shared:
-        # Rank every channel but each group's best together (so each keeps >= 1 channel).
+        # Rank every unit but each group's best together (so each keeps >= 1 unit); a block
+        # counts as its channels towards the ratio.
         pooled = []
         for i in shared:
-            s = scores[i] if comparable else scores[i] / scores[i].abs().mean().clamp_min(1e-12)
+            s = units[i] if comparable else units[i] / units[i].abs().mean().clamp_min(1e-12)
             order = s.argsort(stable=True)
-            pooled += [(float(s[j]), i, int(j)) for j in order[: groups[i].size - MIN_CHANNELS]]
+            pooled += [(float(s[j]), i, int(j)) for j in order[: len(units[i]) - MIN_CHANNELS]]
         total = sum(groups[i].size + done.get(groups[i].root, 0) for i in shared)
-        wanted = round(ratio * total) - sum(done.get(groups[i].root, 0) for i in shared)
-        pooled.sort()
-        for _, i, j in pooled[: max(min(wanted, len(pooled)), 0)]:
-            plan.setdefault(groups[i].root, []).append(j)
+        budget = round(ratio * total) - sum(done.get(groups[i].root, 0) for i in shared)
+        picked: dict[int, list[int]] = {}
+        for _, i, j in sorted(pooled):
+            if budget < blocks[i] / 2:
+                continue  # a whole block would overshoot by more than half of it
+            picked.setdefault(i, []).append(j)
+            budget -= blocks[i]
+        for i, units_removed in picked.items():
+            plan[groups[i].root] = channels(i, units_removed)
     return plan
 
 

@@ -94,6 +94,12 @@ PRESETS: dict[str, dict] = {
     "mnist": dict(epochs=10, batch_size=128, lr=0.05, weight_decay=1e-4, schedule="cosine"),
     "digits": dict(epochs=30, batch_size=64, lr=0.05, weight_decay=1e-4, schedule="cosine"),
     "digits-finetune": dict(epochs=8, batch_size=64, lr=0.01, weight_decay=1e-4, schedule="cosine"),
+    # Character language models, after nanoGPT's CPU run (AdamW 1e-3, batch 12 x 64 characters,
+    # 2,000 steps ~ 1.5 passes over Tiny Shakespeare): 2 epochs of 64-window batches of 16.
+    "char-lm": dict(epochs=2, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                    schedule="cosine"),
+    "char-lm-finetune": dict(epochs=1, batch_size=16, optimizer="adamw", lr=3e-4,
+                             weight_decay=0.1, schedule="cosine"),
 }
 
 

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
 from prunelab.errors import CheckpointError, InvalidValueError, TrainingDivergedError
-from prunelab.metrics.accuracy import evaluate
+from prunelab.metrics.accuracy import evaluate, task_loss
 from prunelab.training.recipe import TrainRecipe
 from prunelab.utils import check_input, input_errors, progress_enabled, uses_convolutions
 
@@ -159,7 +158,7 @@ def train(
                     check_input(model, x)
                 with input_errors(model, x):
                     logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
+                loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
                 state.loss = loss
                 total = loss
                 for callback in callbacks:
@@ -201,8 +200,13 @@ def train(
             if val_data is not None:
                 val = evaluate(model, val_data, topk=(1,))
                 metrics.update(val_loss=val["loss"], val_top1=val["top1"])
-                if keep_best and (best is None or val["top1"] > best[0]):
-                    best = (val["top1"], _copy_state(model))
+                if "perplexity" in val:
+                    metrics["val_perplexity"] = val["perplexity"]
+                # A language model is chosen on its loss (lower is better), a classifier on
+                # its top-1.
+                score = -val["loss"] if "perplexity" in val else val["top1"]
+                if keep_best and (best is None or score > best[0]):
+                    best = (score, _copy_state(model))
                     result.best_epoch = state.epoch
             result.history.append(metrics)
             progress.end_epoch(metrics)
@@ -291,6 +295,8 @@ class _Progress:
     def end_epoch(self, metrics: dict) -> None:
         if self._bar is not None:
             info = f"loss {metrics['train_loss']:.3f}"
-            if "val_top1" in metrics:
+            if "val_perplexity" in metrics:
+                info += f"  val loss {metrics['val_loss']:.3f}"
+            elif "val_top1" in metrics:
                 info += f"  val {metrics['val_top1']:.2f}%"
             self._bar.update(self._task, info=info)
