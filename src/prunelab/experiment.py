@@ -130,7 +130,7 @@ class MethodChoice(CheckedModel):
 
     model_config = ConfigDict(extra="forbid")
     method: str
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "er", "erk"] = "global"
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
 
