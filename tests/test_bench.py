@@ -154,7 +154,7 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
     summary = run_sweep(spec, tmp_path, quiet=True)
     assert (summary.ok, summary.failed) == (4, 0)
     rows = {r["recovery"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
-    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind"}
+    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind rewind_epoch=1"}
     assert all(r["achieved_sparsity"] == pytest.approx(0.75, abs=1e-3) for r in rows.values())
 
 

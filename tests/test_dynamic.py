@@ -197,3 +197,11 @@ def test_cli_sweep_with_a_bad_update_is_one_line(tmp_path, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "update" in err
+
+
+def test_results_tell_sparse_train_updates_apart() -> None:
+    from prunelab.recoveries import RECOVERIES
+
+    sparse = RECOVERIES.get("sparse-train")
+    assert sparse().label() == "sparse-train"
+    assert sparse(update="rigl", delta_t=50).label() == "sparse-train update=rigl delta_t=50"

@@ -89,7 +89,7 @@ def run_job(
                                                  config.seed)
         row = experiment.row(pruned, config.seed, time.perf_counter() - t0, dense)
         row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
-                   recovery=config.recovery.kind, target_sparsity=sparsity)
+                   recovery=config.recovery.label(), target_sparsity=sparsity)
         rows.append(row)
         if on_row:
             on_row(row)

@@ -33,6 +33,13 @@ class Strategy(CheckedModel):
         """First line of the docstring."""
         return inspect.cleandoc(cls.__doc__ or "").splitlines()[0] if cls.__doc__ else ""
 
+    def label(self) -> str:
+        """``kind``, followed by the options that differ from their defaults
+        (``sparse-train update=rigl``): how results tell two settings of one kind apart."""
+        changed = [f"{name}={value}" for name, value in self.model_dump(exclude={"kind"}).items()
+                   if value != type(self).model_fields[name].default]
+        return " ".join([self.kind, *changed])
+
     @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) of each option (every field but ``kind``)."""
