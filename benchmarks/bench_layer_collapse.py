@@ -51,7 +51,7 @@ def exact_limit(model: torch.nn.Module, method: str, batch: list) -> tuple[float
 
 def synflow_limit(model: torch.nn.Module, rounds: int, tolerance: float) -> tuple[float, str]:
     """Bisection on log10(compression) for SynFlow (collapse is monotone in the target)."""
-    low, high, culprit = 0.0, 8.0, ""
+    low, high, culprit = 0.0, 6.0, ""
     total = sum(w.numel() for w in prunable_weights(model))
     while high - low > tolerance:
         mid = (low + high) / 2
@@ -97,8 +97,10 @@ def main() -> None:
                          "log10": math.log10(limit), "first_collapsed_layer": layer,
                          "how": how, "prunable_weights": total})
             print(rows[-1], flush=True)
-    report("layer_collapse", "Largest compression before a layer collapses (at init, global)",
-           rows, {"batch": args.batch, "rounds": args.rounds, "seed": args.seed})
+    suffix = "" if args.models == "vgg16-cifar,resnet20" else "_" + args.models.replace(",", "_")
+    report(f"layer_collapse{suffix}",
+           "Largest compression before a layer collapses (at init, global)", rows,
+           {"batch": args.batch, "rounds": args.rounds, "seed": args.seed})
 
 
 if __name__ == "__main__":
