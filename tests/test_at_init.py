@@ -203,3 +203,27 @@ def test_synflow_without_prunable_layer_or_shape_is_one_line() -> None:
         prunelab.prune(nn.Sequential(nn.ReLU()), "synflow", 0.5, input_shape=(3,))
     with pytest.raises(PrunelabError, match="input_shape"):
         prunelab.prune(mlp(), "synflow", 0.5)
+
+
+def test_channel_methods_refuse_distribution_scopes() -> None:
+    with pytest.raises(PrunelabError, match="global or layer"):
+        prunelab.prune(models.create("resnet20"), "l1-filter", 0.3, scope="erk")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--schedule", "at-init"], "recovery 'finetune' makes no sense"),
+     (["--recovery", "sparse-train"], "set schedule to at-init"),
+     (["--schedule", "at-init", "--recovery", "none", "--sparsity", "1"], "[0, 1)"),
+     (["--schedule", "at-init", "--recovery", "sparse-train", "--method", "grasp",
+       "--sparsity", "0.9999"], "prunes every weight of layer")],
+)
+def test_cli_refuses_bad_at_init_runs_in_one_line(tmp_path, capsys, args, message) -> None:
+    from prunelab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "-q", "--epochs", "1", "--out", str(tmp_path / "runs"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
