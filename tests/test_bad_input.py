@@ -50,7 +50,8 @@ def tiny_spec(**grid) -> dict:
         "train": {"epochs": 2, "batch_size": 64, "lr": 0.05, "schedule": "cosine"},
         "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
         "latency": {"enabled": False},
-        "grid": {"methods": ["magnitude"], "targets": {"sparsity": [0.5]}, "seeds": [0]} | grid,
+        "grid": {"methods": ["magnitude"], "targets": {"sparsity": [0.5]}, "seeds": [0],
+                 "controls": False} | grid,
     }
 
 

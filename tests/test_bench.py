@@ -33,7 +33,8 @@ def tiny_spec(**grid) -> dict:
         "train": {"epochs": 3, "batch_size": 64, "lr": 0.05, "schedule": "cosine"},
         "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.01},
         "latency": {"enabled": False},
-        "grid": {"methods": ["magnitude"], "targets": {"sparsity": [0.5]}, "seeds": [0]} | grid,
+        "grid": {"methods": ["magnitude"], "targets": {"sparsity": [0.5]}, "seeds": [0],
+                 "controls": False} | grid,
     }
 
 
@@ -154,12 +155,14 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
     summary = run_sweep(spec, tmp_path, quiet=True)
     assert (summary.ok, summary.failed) == (4, 0)
     rows = {r["recovery"]: r for r in ok_rows(tmp_path) if r["method"] != "dense"}
-    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind rewind_epoch=1"}
+    assert set(rows) == {"finetune", "scratch-e", "scratch-b", "rewind(rewind_epoch=1)"}
     assert all(r["achieved_sparsity"] == pytest.approx(0.75, abs=1e-3) for r in rows.values())
 
 
-@pytest.mark.parametrize(("sparsity", "epochs"), [(0.3, 5), (0.75, 6)])
-def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) -> None:
+@pytest.mark.parametrize(("sparsity", "cap", "epochs"), [(0.3, None, 5), (0.75, None, 12),
+                                                         (0.75, 2.0, 6)])
+def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, cap: float | None,
+                                                  epochs: int) -> None:
     from prunelab.experiment import Experiment, MethodChoice
     from prunelab.recoveries import RECOVERIES
 
@@ -168,8 +171,8 @@ def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, epochs: int) 
     experiment = Experiment(spec, on_phase=phases.append)
     dense = experiment.train_dense(0)
     experiment.prune_and_recover(dense, MethodChoice(method="magnitude"), "sparsity", sparsity,
-                                 0, RECOVERIES.get("scratch-b")())
-    # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x capped at 2x -> 6 epochs).
+                                 0, RECOVERIES.get("scratch-b")(scratch_b_cap=cap))
+    # 3 dense epochs x FLOPs ratio (1/0.7 -> 5 epochs; 4x -> 12, capped at 2x -> 6 epochs).
     assert phases[-1] == f"scratch-b epoch {epochs}/{epochs}"
 
 
@@ -450,3 +453,45 @@ def test_ray_executor_fits_its_jobs_to_the_cluster(ray_cluster) -> None:
         pool.close()
     with pytest.raises(PrunelabError, match=r"2 CPU.*asks for 3 thread"):
         RayExecutor(1, 3, ray_cluster)
+
+
+def test_controls_join_every_comparison_unless_switched_off() -> None:
+    spec = validate(SweepSpec, tiny_spec(methods=[{"method": "taylor", "scope": "layer"},
+                                                  "l1-filter", "random"], controls=True,
+                                         recoveries=["finetune"]))
+    names = [c.name for c in spec.grid.choices()]
+    assert names == ["taylor/layer", "l1-filter/global", "random/global", "magnitude/layer",
+                     "random-channel/global", "l2-channel/global"]
+    recoveries = {(r.choice.method, r.recovery.kind) for r in spec.runs()}
+    assert ("l1-filter", "scratch-b") in recoveries and ("l2-channel", "scratch-b") in recoveries
+    assert ("taylor", "scratch-b") not in recoveries and ("magnitude", "finetune") in recoveries
+    off = validate(SweepSpec, tiny_spec(methods=["taylor"]))
+    assert [r.choice.method for r in off.runs()] == ["taylor"]
+
+
+def test_pareto_front_by_hand() -> None:
+    from prunelab.bench.stats import pareto_front
+
+    # (speed-up, top-1): B dominates A; C is faster but worse; D is dominated by C; E has no
+    # measurement.
+    points = [(1.5, 80.0), (2.0, 85.0), (3.0, 70.0), (2.5, 60.0), (None, 99.0)]
+    assert pareto_front(points) == [False, True, True, False, False]
+    assert pareto_front([(2.0, 80.0), (2.0, 80.0)]) == [True, True]  # ties both stay
+
+
+def test_markdown_and_report_show_measured_speedups_and_the_front(tmp_path) -> None:
+    from prunelab.bench.report import markdown_summary, write_report
+
+    spec = validate(SweepSpec, tiny_spec(controls=True, targets={"sparsity": [0.5, 0.9]})
+                    | {"latency": {"repeats": 3}})
+    run_sweep(spec, tmp_path, quiet=True)
+    markdown = markdown_summary(tmp_path)
+    header, _, *lines = markdown.splitlines()[2:]
+    assert "measured speed-up | Pareto" in header
+    rows = [line.split("|") for line in lines]
+    assert {r[1].strip() for r in rows} == {"magnitude/global", "random/global"}
+    assert all(float(r[9]) > 0 for r in rows)  # a measured speed-up in every row
+    assert any("T" in r[10] for r in rows)  # something is on the theoretical front
+    page = write_report(tmp_path)
+    assert (page.parent / "top1_vs_measured_speedup.png").stat().st_size > 1000
+    assert "Pareto front" in (page.parent / "top1_vs_theoretical_speedup.svg").read_text()

@@ -204,4 +204,4 @@ def test_results_tell_sparse_train_updates_apart() -> None:
 
     sparse = RECOVERIES.get("sparse-train")
     assert sparse().label() == "sparse-train"
-    assert sparse(update="rigl", delta_t=50).label() == "sparse-train update=rigl delta_t=50"
+    assert sparse(update="rigl", delta_t=50).label() == "sparse-train(update=rigl, delta_t=50)"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -71,3 +74,33 @@ def test_latency_restores_threads_and_reports_median() -> None:
 def test_measure_with_latency_in_summary() -> None:
     m = prunelab.measure(nn.Linear(8, 2), torch.zeros(1, 8), latency=True, latency_repeats=3)
     assert m.summary()["latency_ms"] > 0
+
+
+STEADY_CHECK = """
+import resource, torch
+from torch import nn
+from prunelab.metrics.latency import steady_allocator
+torch.set_num_threads(1)
+net = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 16, 3, padding=1))
+x = torch.randn(32, 16, 32, 32)  # 8 MiB activations: above glibc's default mmap threshold
+def faults():
+    with torch.inference_mode():
+        for _ in range(3):
+            net(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            net(x)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
+default = faults()
+print(steady_allocator())
+print(default, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_latency_runs_without_page_faults_once_the_allocator_is_steady() -> None:
+    out = subprocess.run([sys.executable, "-c", STEADY_CHECK], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.splitlines()
+    default, steady = map(float, out[1].split())
+    assert out[0].startswith("glibc")
+    assert default > 1000 and steady < default / 20, (default, steady)

@@ -236,7 +236,7 @@ def test_structured_scratch_and_targets_in_a_sweep(tmp_path) -> None:
         "latency": {"enabled": False},
         "grid": {"methods": ["l1-filter", {"method": "slimming", "options": {"l1": 1e-4}}],
                  "targets": {"speedup": [2.0]}, "seeds": [0],
-                 "recoveries": ["finetune", "scratch-e", "scratch-b"]},
+                 "recoveries": ["finetune", "scratch-e", "scratch-b"], "controls": False},
     })
     summary = run_sweep(spec, tmp_path, quiet=True)
     assert (summary.ok, summary.failed) == (6, 0)

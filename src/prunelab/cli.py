@@ -52,6 +52,9 @@ def run(
     recovery: Annotated[str | None, typer.Option(
         help="after pruning: finetune, rewind, scratch-e, scratch-b, none, ... "
              "(`prunelab methods` lists all)")] = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="start from the shipped reference model of --model on --dataset "
+                             "instead of training it (`prunelab models` lists them)")] = False,
     epochs: Annotated[int | None, typer.Option(help="dense training epochs")] = None,
     finetune_epochs: Annotated[int | None, typer.Option(help="fine-tuning epochs")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
@@ -70,6 +73,7 @@ def run(
         for key, value in dict(
             model=model, dataset=dataset, method=method, scope=scope, seed=seed,
             data_dir=data_dir, out=out, sparsities=_floats(sparsity),
+            dense="pretrained" if pretrained else None,
         ).items()
         if value is not None
     }
@@ -166,10 +170,19 @@ def list_models() -> None:
     table = Table(title="model zoo")
     table.add_column("name")
     table.add_column("description")
+    from prunelab.models.pretrained import available
+
+    shipped: dict[str, list[str]] = {}
+    for key, info in available().items():
+        name, dataset = key.split("/")
+        shipped.setdefault(name, []).append(f"{dataset} ({info['test_top1']:.2f}% test top-1)")
+    table.add_column("pretrained (shipped)")
     for name in zoo.names():
-        table.add_row(name, zoo.describe(name))
+        table.add_row(name, zoo.describe(name), ", ".join(shipped.get(name, [])) or "–")
     console.print(table)
-    console.print("Any torchvision classification model also works by name, e.g. resnet50.")
+    console.print("Any torchvision classification model also works by name, e.g. resnet50. "
+                  "Shipped weights: create(name, pretrained=dataset), `prunelab run "
+                  "--pretrained`, or `dense: pretrained` in a spec.")
 
 
 @app.command()
@@ -231,6 +244,28 @@ def inspect(
                   f"{1 - stats.sparsity:.3f}", f"{stats.macs:,}", f"{stats.effective_macs:,}")
     console.print(table)
     console.print("MACs = multiply-accumulates; FLOPs = 2 x MACs (convolutions and matmuls).")
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a prunelab checkpoint (.pt)")],
+    out: Annotated[Path, typer.Option(help="where to write the ONNX file")],
+    batch_size: Annotated[int, typer.Option(help="batch size of the example input")] = 1,
+) -> None:
+    """Export a checkpoint for serving: masks baked, BatchNorm folded, ONNX, output-checked."""
+    import torch
+
+    from prunelab import models as zoo
+    from prunelab.checkpoint import load_checkpoint
+    from prunelab.deploy import deploy
+
+    if batch_size < 1:
+        raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    net, payload = load_checkpoint(checkpoint)
+    shape = payload["model"].get("kwargs", {}).get("input_shape") or zoo.default_input_shape(net)
+    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    deployed = deploy(net, example, backend="onnxruntime", onnx_path=out)
+    console.print(Text(deployed.summary()))
 
 
 @app.command()

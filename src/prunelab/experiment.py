@@ -15,13 +15,19 @@ from functools import cached_property
 from typing import Any, Literal
 
 import torch
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from torch import nn
 
 from prunelab import data as datasets
 from prunelab import models
 from prunelab.config import CheckedModel
-from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.errors import ConfigError, InvalidValueError, PrunelabError
 from prunelab.methods import METHODS, Method
 from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash
@@ -62,6 +68,9 @@ class ExperimentConfig(CheckedModel):
 
     model: str = "lenet-300-100"
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    dense: Literal["train", "pretrained"] = Field(
+        "train", description="train the dense model, or start from the reference weights "
+                             "shipped for this model and dataset")
     dataset: str = "digits"
     data_dir: str | None = None
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -82,13 +91,22 @@ class ExperimentConfig(CheckedModel):
     @model_validator(mode="before")
     @classmethod
     def _presets(cls, data: Any) -> Any:
-        """``train``/``finetune`` may name a preset; ``auto`` (default) picks one by dataset."""
+        """``train``/``finetune`` may name a preset; ``auto`` (default) picks one by dataset, or
+        for ``dense: pretrained`` the reference model's own training recipe."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         dataset = str(data.get("dataset", "digits"))
         for key in ("train", "finetune"):
             value = data.get(key, "auto")
+            if key == "train" and value == "auto" and data.get("dense") == "pretrained":
+                # The reference model's own recipe: what Scratch-E/B must match.
+                from prunelab.models.pretrained import available
+
+                info = available().get(f"{data.get('model', 'lenet-300-100')}/{dataset}")
+                if info is not None:
+                    data[key] = info["recipe"]
+                    continue
             if isinstance(value, str):
                 name = auto_preset(dataset, key) if value == "auto" else value
                 if name not in PRESETS:
@@ -99,14 +117,30 @@ class ExperimentConfig(CheckedModel):
                 data[key] = PRESETS[name]
         return data
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """Leave ``dense`` out at its default, so the keys of stored results stay what they
+        were before the field existed."""
+        data = handler(self)
+        if data.get("dense") == "train":
+            del data["dense"]
+        return data
+
     def check_plan(self, choices: Sequence[MethodChoice] = (),
                    recoveries: Sequence[Recovery] = ()) -> None:
         """Fail before any training on what a run would only find out later: unknown names or
         method options, and method/schedule/recovery combinations that cannot work."""
         datasets.check_name(self.dataset)
         models.check_name(self.model)
+        if self.dense == "pretrained":
+            from prunelab.models.pretrained import entry
+
+            entry(self.model, self.dataset)
         for choice in choices:
             method = METHODS.get(choice.method)
+            if self.dense == "pretrained" and training_variant(choice):
+                raise ConfigError(f"method {choice.method!r} trains the dense model its own way, "
+                                  "so it cannot start from pretrained weights (dense: train)")
             method.create(**choice.options)
             for recovery in list(recoveries) or [self.recovery]:
                 self.schedule.check(method, recovery)
@@ -118,8 +152,8 @@ class ExperimentConfig(CheckedModel):
         Methods that train the model before pruning their own way (Network Slimming's sparse
         BN scales) get their own dense model: ``choice`` names it.
         """
-        fields = ("model", "model_kwargs", "dataset", "val_fraction", "data_limit", "train",
-                  "keep_best", "latency")  # latency: its batch size sets the row's FLOPs
+        fields = ("model", "model_kwargs", "dense", "dataset", "val_fraction", "data_limit",
+                  "train", "keep_best", "latency")  # latency: its batch size sets the row's FLOPs
         variant = training_variant(choice)
         return config_hash({"dense": self.model_dump(include=set(fields), mode="json"),
                             "seed": seed} | ({"variant": variant} if variant else {}))
@@ -251,6 +285,8 @@ class Experiment:
         callbacks are used and the row is labelled ``dense (<method> training)``.
         """
         started = time.perf_counter()
+        if self.config.dense == "pretrained":
+            return self._pretrained(seed, started)
         model = self.new_model(seed)
         snapshots = _Snapshots(set(snapshot_epochs))
         variant = training_variant(choice)
@@ -263,6 +299,16 @@ class Experiment:
         row.update(method="dense", label=label, recovery=None, target_kind=None,
                    target_value=None)
         return DenseModel(model, states, row)
+
+    def _pretrained(self, seed: int, started: float) -> DenseModel:
+        """The shipped reference model as the dense model (the same weights for every seed)."""
+        kwargs = {"num_classes": self.bundle.num_classes, "input_shape": self.bundle.input_shape}
+        model = models.create(self.config.model, pretrained=self.config.dataset,
+                              **(kwargs | self.config.model_kwargs))
+        row = self.row(model, seed, time.perf_counter() - started)
+        row.update(method="dense", label="dense", recovery=None, target_kind=None,
+                   target_value=None)
+        return DenseModel(model, {}, row)
 
     def pruner(self, choice: MethodChoice, seed: int) -> Pruner:
         c = self.config

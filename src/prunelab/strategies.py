@@ -34,11 +34,13 @@ class Strategy(CheckedModel):
         return inspect.cleandoc(cls.__doc__ or "").splitlines()[0] if cls.__doc__ else ""
 
     def label(self) -> str:
-        """``kind``, followed by the options that differ from their defaults
-        (``sparse-train update=rigl``): how results tell two settings of one kind apart."""
-        changed = [f"{name}={value}" for name, value in self.model_dump(exclude={"kind"}).items()
-                   if value != type(self).model_fields[name].default]
-        return " ".join([self.kind, *changed])
+        """``kind``, with the options that differ from their defaults: ``scratch-b(cap=2)``.
+
+        Results are grouped by this, so two variants of one strategy in a sweep stay apart.
+        """
+        changed = [f"{name}={value}" for name, value in self.model_dump().items()
+                   if name != "kind" and value != type(self).model_fields[name].default]
+        return f"{self.kind}({', '.join(changed)})" if changed else self.kind
 
     @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from prunelab.bench.stats import group_rows, summarize, table
+from prunelab.bench.stats import group_rows, mark_pareto, pareto_front, summarize, table
 from prunelab.bench.store import ResultStore
 from prunelab.bench.sweep import STORE, saved_specs, spec_keys
 from prunelab.errors import PrunelabError
@@ -118,8 +118,11 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
 
     dense = summarize(r["test_top1"] for r in rows if r.get("label") == "dense")
     made = []
-    for x, label in (("compression", "compression (params / non-zeros)"),
-                     ("theoretical_speedup", "theoretical speed-up (dense / effective FLOPs)")):
+    axes = [("compression", "compression (params / non-zeros)"),
+            ("theoretical_speedup", "theoretical speed-up (dense / effective FLOPs)")]
+    if all(r.get("measured_speedup") is not None for r in rows if r["method"] != "dense"):
+        axes.append(("measured_speedup", "measured speed-up (dense / pruned latency)"))
+    for x, label in axes:
         series = _series(rows, x)
         methods = sorted({m for m, _ in series})
         recoveries = sorted({r for _, r in series})
@@ -131,6 +134,8 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
             ax.errorbar(xs, ys, yerr=errs, capsize=3, color=colours(methods.index(method)),
                         marker=MARKERS[k % len(MARKERS)], linestyle=LINES[k % len(LINES)],
                         label=method if len(recoveries) == 1 else f"{method} + {recovery}")
+        if x != "compression":
+            _draw_front(ax, series, dense)
         if dense.n:
             ax.axhline(dense.mean, color="black", linestyle="--", linewidth=1,
                        label=f"unpruned ({dense.mean:.2f}%)")
@@ -148,6 +153,18 @@ def _figures(rows: list[dict[str, Any]], out: Path) -> list[tuple[str, str]]:
         made.append((f"top1_vs_{x}", _save(fig, out, f"top1_vs_{x}")))
         plt.close(fig)
     return made
+
+
+def _draw_front(ax: Any, series: dict[tuple[str, str], list[Point]], dense: Any) -> None:
+    """The Pareto front of mean top-1 against speed-up, as a grey step line."""
+    points = [(x, y) for values in series.values() for x, y, _ in values]
+    if dense.n:
+        points.append((1.0, dense.mean))
+    front = sorted(p for p, on in zip(points, pareto_front(points), strict=True) if on)
+    if len(front) > 1:
+        xs, ys = zip(*front, strict=True)
+        ax.step(xs, ys, where="post", color="grey", linewidth=4, alpha=0.35, zorder=0,
+                label="Pareto front")
 
 
 def _log_label(value: float, _: int) -> str:
@@ -206,12 +223,13 @@ def _page(folder: Path, rows: list[dict], failed: list[dict], figures: list[tupl
     dense_top1 = summarize(r["test_top1"] for r in dense if r.get("label") == "dense")
     first = rows[0]
     env = json.loads(first.get("environment_json") or "{}")
-    lines = table(rows)
+    lines = mark_pareto(table(rows), dense_top1)
     main = _html_table(
         ["method", "recovery", "target", "seeds", "top-1 mean", "std", "95% CI ±",
-         "compression", "theor. speed-up", "measured speed-up"],
+         "compression", "theor. speed-up", "measured speed-up", "Pareto"],
         [[x["method"], x["recovery"], x["target"], x["seeds"], x["top1_mean"], x["top1_std"],
-          x["top1_ci95"], x["compression"], x["speedup"], x["measured_speedup"]] for x in lines],
+          x["top1_ci95"], x["compression"], x["speedup"], x["measured_speedup"], _front(x)]
+         for x in lines],
     )
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,{data}">'
@@ -242,7 +260,9 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 {len(rows) - len(dense)} finished runs, {len(failed)} failed. Unpruned baseline: {baseline}.
 Accuracy is on the test set; epochs were chosen on a validation split.</p>
 {images}
-<h2>Results per method, recovery and target</h2>{main}
+<h2>Results per method, recovery and target</h2>
+<p>Pareto: on the front of mean top-1 against theoretical (T) or measured (M) speed-up, the
+unpruned model included; the figures draw the fronts as grey steps.</p>{main}
 {_recovery_comparison(rows)}
 {failures}
 <h2>Provenance</h2>
@@ -253,6 +273,12 @@ Accuracy is on the test set; epochs were chosen on a validation split.</p>
 """
 
 
+def _front(line: Mapping[str, Any]) -> str:
+    """``T``/``M``: the line is on the theoretical / measured speed-up Pareto front."""
+    return "".join(tag for tag, key in (("T", "pareto_theoretical"), ("M", "pareto_measured"))
+                   if line.get(key))
+
+
 def markdown_summary(folder: str | os.PathLike, sweep: str | None = None) -> str:
     """The report's tables as Markdown (for docs): per method × recovery × target, and the
     recovery comparison."""
@@ -261,10 +287,14 @@ def markdown_summary(folder: str | os.PathLike, sweep: str | None = None) -> str
     lines = [f"Unpruned: {dense.mean:.2f} ± {dense.std:.2f}% top-1 over {dense.n} seeds "
              f"({rows[0].get('data_source') or rows[0]['dataset']}).", "",
              "| method | recovery | target | seeds | top-1 % (mean ± std) | 95% CI ± | "
-             "compression | theor. speed-up |", "|---|---|---|---|---|---|---|---|"]
-    for x in table(rows):
+             "compression | theor. speed-up | measured speed-up | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for x in mark_pareto(table(rows), dense):
         ci = f"{x['top1_ci95']:.2f}" if x["top1_ci95"] is not None else "–"
+        measured = (f"{x['measured_speedup']:.2f}" if x["measured_speedup"] is not None
+                    else "–")
         lines.append(f"| {x['method']} | {x['recovery']} | {x['target']} | {x['seeds']} | "
                      f"{x['top1_mean']:.2f} ± {x['top1_std']:.2f} | {ci} | "
-                     f"{x['compression']:.2f} | {x['speedup']:.2f} |")
+                     f"{x['compression']:.2f} | {x['speedup']:.2f} | {measured} | "
+                     f"{_front(x)} |")
     return "\n".join(lines) + "\n"

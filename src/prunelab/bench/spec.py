@@ -24,10 +24,16 @@ from prunelab.experiment import (
     training_variant,
 )
 from prunelab.provenance import config_hash
-from prunelab.recoveries import Recovery
+from prunelab.recoveries import RECOVERIES, Recovery
 from prunelab.sparsity import check_sparsity
 
 TargetKind = Literal["sparsity", "compression", "speedup"]
+
+#: The controls of each granularity: random pruning and magnitude pruning of the same structure.
+CONTROLS: dict[str, tuple[str, ...]] = {
+    "unstructured": ("random", "magnitude"),
+    "channel": ("random-channel", "l2-channel"),
+}
 
 
 class Targets(CheckedModel):
@@ -69,6 +75,26 @@ class Grid(CheckedModel):
     targets: Targets
     seeds: list[int] = Field(default_factory=lambda: [0])
     recoveries: list[RecoveryConfig] | None = None
+    controls: bool = Field(True, description="add random and magnitude pruning of each "
+                                             "granularity, and Scratch-B for channel methods")
+
+    def choices(self) -> list[MethodChoice]:
+        """The methods to run: the grid's, then (unless ``controls`` is off) the controls of
+        every granularity they use that are not already listed, with the scope of the first
+        method of that granularity."""
+        from prunelab.methods import METHODS
+
+        choices = list(self.methods)
+        if not self.controls:
+            return choices
+        listed = {c.method for c in choices}
+        for choice in self.methods:
+            granularity = METHODS.get(choice.method).granularity
+            for control in CONTROLS.get(granularity, ()):
+                if control not in listed:
+                    listed.add(control)
+                    choices.append(MethodChoice(method=control, scope=choice.scope))
+        return choices
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -122,15 +148,26 @@ class SweepSpec(ExperimentConfig):
     def recoveries(self) -> list[Recovery]:
         return self.grid.recoveries or [self.recovery]
 
+    def recoveries_for(self, choice: MethodChoice) -> list[Recovery]:
+        """The recoveries ``choice`` runs with: the grid's, plus Scratch-B for a channel method
+        when controls are on (Liu et al.'s baseline for a pruned architecture)."""
+        from prunelab.methods import METHODS
+
+        recoveries = self.recoveries()
+        if (self.grid.controls and METHODS.get(choice.method).granularity == "channel"
+                and not any(r.kind == "scratch-b" for r in recoveries)):
+            recoveries = [*recoveries, RECOVERIES.get("scratch-b")()]
+        return recoveries
+
     def runs(self) -> list[RunSpec]:
         """Every run of the grid, in a stable order (seeds outermost)."""
         return [
             RunSpec(choice=choice, target_kind=kind, target_value=value, seed=seed,
                     recovery=recovery)
             for seed in self.grid.seeds
-            for choice in self.grid.methods
+            for choice in self.grid.choices()
             for kind, value in self.grid.targets.pairs()
-            for recovery in self.recoveries()
+            for recovery in self.recoveries_for(choice)
         ]
 
     def experiment_fields(self) -> dict[str, Any]:
@@ -147,7 +184,7 @@ class SweepSpec(ExperimentConfig):
     def dense_variants(self) -> list[MethodChoice | None]:
         """Plain dense training, plus one per method that trains its own way (slimming...)."""
         variants: list[MethodChoice | None] = [None]
-        for choice in self.grid.methods:
+        for choice in self.grid.choices():
             if training_variant(choice) and all(
                 v is None or training_variant(v) != training_variant(choice) for v in variants
             ):
@@ -162,4 +199,7 @@ class SweepSpec(ExperimentConfig):
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
                    recoveries: Sequence[Recovery] = ()) -> None:
-        super().check_plan([*choices, *self.grid.methods], [*recoveries, *self.recoveries()])
+        choices = [*choices, *self.grid.choices()]
+        recoveries = [*recoveries, *{r.label(): r for c in self.grid.choices()
+                                     for r in self.recoveries_for(c)}.values()]
+        super().check_plan(choices, recoveries)

@@ -65,6 +65,27 @@ def table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return lines
 
 
+def pareto_front(points: list[tuple[float | None, float]]) -> list[bool]:
+    """Which (speed-up, accuracy) points no other point dominates (at least as fast and as
+    accurate, better in one). Points without a speed-up (None) are never on the front."""
+    known = [(x, y) for x, y in points if x is not None]
+    return [x is not None and not any(
+        ox >= x and oy >= y and (ox > x or oy > y) for ox, oy in known) for x, y in points]
+
+
+def mark_pareto(lines: list[dict[str, Any]], dense: Summary | None = None) -> list[dict[str, Any]]:
+    """Add ``pareto_theoretical`` / ``pareto_measured`` to each line of :func:`table`: on the
+    front of mean top-1 against mean theoretical / measured speed-up. The unpruned model (speed-up
+    1) takes part, so a pruned model slower and less accurate than it is never on the front."""
+    for key, flag in (("speedup", "pareto_theoretical"), ("measured_speedup", "pareto_measured")):
+        points = [(line[key], line["top1_mean"]) for line in lines]
+        if dense is not None and dense.n:
+            points.append((1.0, dense.mean))
+        for line, on in zip(lines, pareto_front(points), strict=False):
+            line[flag] = on
+    return lines
+
+
 def _mean_or_none(values: Iterable[float | None]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None

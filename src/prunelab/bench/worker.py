@@ -145,7 +145,7 @@ def _with_provenance(task: dict[str, Any], spec: SweepSpec, row: dict[str, Any]
 def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:
     return {
         "method": run.choice.method, "label": run.choice.name, "scope": run.choice.scope,
-        "schedule": spec.schedule.kind, "recovery": run.recovery.label(), "seed": run.seed,
+        "schedule": spec.schedule.label(), "recovery": run.recovery.label(), "seed": run.seed,
         "model": spec.model, "dataset": spec.dataset, "target_kind": run.target_kind,
         "target_value": run.target_value,
         "config_json": {"experiment": spec.experiment_fields(), "run": run.model_dump()},

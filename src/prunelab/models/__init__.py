@@ -106,9 +106,13 @@ def create(
     name: str,
     num_classes: int = 10,
     input_shape: Sequence[int] | None = None,
+    pretrained: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Build model ``name`` with random weights for ``num_classes`` classes and one input's shape.
+
+    ``pretrained="mnist"`` (say) loads the reference weights shipped with prunelab for that
+    dataset instead (:mod:`prunelab.models.pretrained`; ``prunelab models`` lists them).
 
     Zoo names come first; other names (or ``torchvision:<name>``) build a torchvision
     classification model with ``weights=None``. Options the model does not take, or values out of
@@ -121,6 +125,9 @@ def create(
     if classes is None:
         raise InvalidValueError(f"num_classes must be a positive integer, got {num_classes!r}")
     if source == "torchvision":
+        if pretrained is not None:
+            raise InvalidValueError(f"prunelab ships no weights for torchvision's {key!r} (and "
+                                    "downloads none); pretrained= works for zoo models")
         shape = _check_shape(TORCHVISION_INPUT_SHAPE if input_shape is None else input_shape)
         return _create_torchvision(key, classes, shape, kwargs)
     factory = MODELS.get(key)
@@ -131,7 +138,23 @@ def create(
     _check_options(key, factory, kwargs)
     model = factory(num_classes=classes, input_shape=shape, **kwargs)
     model.input_shape = shape
+    if pretrained is not None:
+        _load_reference(model, key, pretrained, classes, shape, kwargs)
     return model
+
+
+def _load_reference(model: nn.Module, name: str, dataset: str, classes: int,
+                    shape: tuple[int, ...], kwargs: dict[str, Any]) -> None:
+    """Load shipped weights, refusing a model built differently from the one they fit."""
+    from prunelab.models.pretrained import entry, load_pretrained
+
+    info = entry(name, dataset)
+    built = {"num_classes": classes, "input_shape": list(shape), "model_kwargs": kwargs}
+    for key, value in built.items():
+        if info.get(key, value) != value:
+            raise InvalidValueError(f"the pretrained {name!r} ({dataset}) was built with "
+                                    f"{key}={info[key]!r}, not {value!r}")
+    load_pretrained(model, name, dataset)
 
 
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:

@@ -75,6 +75,9 @@ class Rewind(Recovery):
         return {self.rewind_epoch}
 
     def check(self, method: type[Method], config: ExperimentConfig) -> None:
+        if config.dense == "pretrained":
+            raise ConfigError("rewind needs the weights of dense training's early epochs, which "
+                              "pretrained weights do not have; use dense: train")
         if self.rewind_epoch >= config.train.epochs:
             raise ConfigError(f"rewind_epoch {self.rewind_epoch} must be below the training "
                               f"epochs ({config.train.epochs})")

@@ -1,0 +1,102 @@
+"""deploy(): a pruned model ready to serve computes what the original computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.deploy import SparseLinear, deploy
+from prunelab.errors import InvalidValueError, PrunelabError
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    model = prunelab.models.create("resnet20")
+    for m in model.modules():  # BatchNorm statistics that folding must get right
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return prunelab.prune(model, "l2-channel", speedup=1.5)
+
+
+X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_torch_backend_folds_batchnorm_and_matches(resnet) -> None:
+    deployed = deploy(resnet, X, repeats=2)
+    assert "BatchNorm folded into the convolution before it (21 of 21)" in deployed.steps
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.module.modules())
+    assert torch.allclose(deployed(X), resnet.eval()(X), atol=1e-4)
+    assert deployed.max_abs_error < 1e-4
+
+
+def test_onnxruntime_backend_matches_and_keeps_its_file(resnet, tmp_path) -> None:
+    deployed = deploy(resnet, X, backend="onnxruntime", onnx_path=tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").stat().st_size > 10_000
+    other = torch.randn(7, 3, 32, 32)  # a dynamic batch dimension
+    assert torch.allclose(deployed(other), resnet.eval()(other), atol=1e-4)
+
+
+def test_bf16_reports_its_error_instead_of_failing(resnet) -> None:
+    deployed = deploy(resnet, X, precision="bf16", repeats=2)
+    assert 0 < deployed.max_abs_error < 0.5
+    assert deployed(X).dtype == torch.float32
+
+
+def test_sparse_linear_equals_the_dense_layer() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 20)
+    with torch.no_grad():
+        layer.weight[torch.rand_like(layer.weight) < 0.9] = 0
+    x = torch.randn(3, 5, 50)
+    assert torch.allclose(SparseLinear(layer)(x), layer(x), atol=1e-5)
+
+
+def test_a_very_sparse_mlp_keeps_its_output_whatever_each_layer_chose() -> None:
+    torch.manual_seed(0)
+    model = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28))
+    prunelab.prune(model, "magnitude", sparsity=0.95, scope="layer")
+    x = torch.randn(64, 1, 28, 28)
+    deployed = deploy(model, x, repeats=3)
+    choices = [s for s in deployed.steps if "density" in s]
+    assert len(choices) == 3 and all(("CSR" in s) or ("dense (" in s) for s in choices)
+    assert torch.allclose(deployed(x), model(x), atol=1e-4)
+
+
+def test_a_deployment_that_changes_the_output_is_refused(resnet, monkeypatch) -> None:
+    import prunelab.deploy as module
+
+    def broken(model: nn.Module) -> tuple[nn.Module, str]:
+        model.fc.bias.data += 1
+        return model, "broken"
+
+    monkeypatch.setattr(module, "_fold_batchnorm", broken)
+    with pytest.raises(PrunelabError, match="differs from the original by 1"):
+        deploy(resnet, X, repeats=2)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"backend": "tensorrt"}, "backend must be one of torch, onnxruntime"),
+    ({"precision": "int8"}, "precision must be one of fp32, bf16"),
+    ({"backend": "onnxruntime", "precision": "bf16"}, "serves fp32"),
+])
+def test_bad_deploy_options(resnet, kwargs, message) -> None:
+    with pytest.raises(InvalidValueError, match=message):
+        deploy(resnet, X, **kwargs)
+
+
+def test_cli_export_writes_a_checked_onnx_file(tmp_path, capsys) -> None:
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.cli import main
+
+    model = prunelab.models.create("lenet-5")
+    prunelab.prune(model, "magnitude", sparsity=0.5)
+    save_checkpoint(tmp_path / "m.pt", model, model_name="lenet-5")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code in (0, None)
+    assert "max |output - original output|" in capsys.readouterr().out
+    assert (tmp_path / "m.onnx").is_file()
