@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,7 +12,14 @@ from torch import nn
 from prunelab.errors import InvalidValueError
 from prunelab.methods.base import ALL_LAYERS, LayerSelection, UnstructuredMethod, register_method
 from prunelab.methods.gradients import used_tensors
-from prunelab.sparsity import PrunableWeight, check_sparsity, prunable_weights
+from prunelab.sparsity import (
+    PrunableWeight,
+    check_sparsity,
+    get_mask,
+    masked_parameters,
+    prunable_weights,
+    set_mask,
+)
 from prunelab.utils import eval_mode
 
 
@@ -33,6 +40,7 @@ class SynFlow(UnstructuredMethod):
 
     rounds: int = 100
     input_shape: tuple[int, ...] | None = None
+    _flow: nn.Module | None = field(default=None, init=False, repr=False)
 
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
@@ -43,9 +51,13 @@ class SynFlow(UnstructuredMethod):
             sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
                                           example_input)
         density = 1.0 - check_sparsity(sparsity)
-        for k in range(1, self.rounds + 1):
-            step = 1.0 - density ** (k / self.rounds) if k < self.rounds else sparsity
-            super().prune(model, step, scope=scope, selection=selection)
+        self._flow = _linearised(model)  # one copy for all rounds; masks are synced each round
+        try:
+            for k in range(1, self.rounds + 1):
+                step = 1.0 - density ** (k / self.rounds) if k < self.rounds else sparsity
+                super().prune(model, step, scope=scope, selection=selection)
+        finally:
+            self._flow = None
         return model
 
     def scores(
@@ -56,11 +68,9 @@ class SynFlow(UnstructuredMethod):
             raise InvalidValueError(
                 f"synflow needs the input shape of {type(model).__name__} (it feeds an all-ones "
                 "input): set the option input_shape, e.g. input_shape=[3, 32, 32]")
-        flow = copy.deepcopy(model).double()
-        with torch.no_grad():
-            for tensor in [*flow.parameters(), *flow.buffers()]:
-                if tensor.is_floating_point():
-                    tensor.abs_()
+        flow = self._flow if self._flow is not None else _linearised(model)
+        for name, module, param in masked_parameters(model):
+            set_mask(flow.get_submodule(name), get_mask(module, param), param)
         by_name = {w.name: w for w in prunable_weights(flow)}
         copies = [by_name[w.name] for w in weights]
         device = next(flow.parameters()).device
@@ -75,3 +85,13 @@ class SynFlow(UnstructuredMethod):
                         grads[i] += g
         # Kept in float64: deep networks' flows overflow float32.
         return [c.weight.detach() * g for c, g in zip(copies, grads, strict=True)]
+
+
+def _linearised(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` with every parameter and buffer replaced by its |value|."""
+    flow = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for tensor in [*flow.parameters(), *flow.buffers()]:
+            if tensor.is_floating_point():
+                tensor.abs_()
+    return flow
