@@ -49,9 +49,12 @@ def exact_limit(model: torch.nn.Module, method: str, batch: list) -> tuple[float
     return total / (total - k), weights[first].name
 
 
-def synflow_limit(model: torch.nn.Module, rounds: int, tolerance: float) -> tuple[float, str]:
-    """Bisection on log10(compression) for SynFlow (collapse is monotone in the target)."""
-    low, high, culprit = 0.0, 6.0, ""
+def synflow_limit(model: torch.nn.Module, rounds: int, tolerance: float, low: float,
+                  high: float) -> tuple[float, str, str]:
+    """Bisection on log10(compression) for SynFlow (collapse is monotone in the target), from
+    ``low`` (known collapse-free) to ``high`` (known collapsed); returns the highest
+    collapse-free log10 found, the points tested and the first layer that collapsed."""
+    culprit, tested = "", []
     total = sum(w.numel() for w in prunable_weights(model))
     while high - low > tolerance:
         mid = (low + high) / 2
@@ -63,11 +66,12 @@ def synflow_limit(model: torch.nn.Module, rounds: int, tolerance: float) -> tupl
         collapsed = collapsed_layers(trial)
         print(f"  synflow 10^{mid:.3f}: {'collapsed ' + collapsed[0] if collapsed else 'ok'}",
               flush=True)
+        tested.append(f"10^{mid:.3f} {'collapsed' if collapsed else 'ok'}")
         if collapsed:
             high, culprit = mid, collapsed[0]
         else:
             low = mid
-    return 10 ** low, culprit
+    return low, "bisection: " + ", ".join(tested), culprit
 
 
 def main() -> None:
@@ -77,6 +81,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--tolerance", type=float, default=0.05, help="in log10 units")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=",".join((*ONE_SHOT, "synflow")))
+    parser.add_argument("--search", type=float, nargs=2, default=(0.0, 6.0),
+                        metavar=("LOW", "HIGH"),
+                        help="SynFlow's bracket in log10(compression): LOW collapse-free, HIGH "
+                             "collapsed (continue an earlier search with its bracket)")
     args = parser.parse_args()
     torch.set_num_threads(2)
     bundle = datasets.load("cifar10")
@@ -86,10 +95,11 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model = models.create(name)
         total = sum(w.numel() for w in prunable_weights(model))
-        for method in (*ONE_SHOT, "synflow"):
+        for method in args.methods.split(","):
             if method == "synflow":
-                limit, layer = synflow_limit(model, args.rounds, args.tolerance)
-                how = f"bisection, ±{args.tolerance} in log10"
+                low, how, layer = synflow_limit(model, args.rounds, args.tolerance,
+                                                *args.search)
+                limit = 10 ** low
             else:
                 limit, layer = exact_limit(model, method, [(x, y)])
                 how = "exact"
@@ -97,7 +107,7 @@ def main() -> None:
                          "log10": math.log10(limit), "first_collapsed_layer": layer,
                          "how": how, "prunable_weights": total})
             print(rows[-1], flush=True)
-    suffix = "" if args.models == "vgg16-cifar,resnet20" else "_" + args.models.replace(",", "_")
+    suffix = "_" + "_".join([*args.models.split(","), *args.methods.split(",")])
     report(f"layer_collapse{suffix}",
            "Largest compression before a layer collapses (at init, global)", rows,
            {"batch": args.batch, "rounds": args.rounds, "seed": args.seed})
