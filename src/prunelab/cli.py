@@ -44,7 +44,7 @@ def run(
     sparsity: Annotated[
         list[str] | None, typer.Option(help="target sparsities, e.g. 0.5,0.9 (repeatable)")
     ] = None,
-    scope: Annotated[str | None, typer.Option(help="global or layer")] = None,
+    scope: Annotated[str | None, typer.Option(help="global, layer, er or erk")] = None,
     schedule: Annotated[str | None, typer.Option(
         help="when to prune: one-shot, iterative, gradual, ... (`prunelab methods` lists all)")
     ] = None,

@@ -27,13 +27,13 @@ from torch import nn
 from prunelab import data as datasets
 from prunelab import models
 from prunelab.config import CheckedModel
-from prunelab.errors import ConfigError, PrunelabError
+from prunelab.errors import ConfigError, InvalidValueError, PrunelabError
 from prunelab.methods import METHODS, Method
 from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash
 from prunelab.recoveries import RECOVERIES, Recovery, Snapshot
 from prunelab.schedules import SCHEDULES, Pruner, Schedule
-from prunelab.sparsity import check_sparsity, mask_sparsity
+from prunelab.sparsity import check_sparsity, collapsed_layers, mask_sparsity
 from prunelab.strategies import strategy_field
 from prunelab.structured.graph import structure_of
 from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
@@ -173,7 +173,7 @@ class MethodChoice(CheckedModel):
 
     model_config = ConfigDict(extra="forbid")
     method: str
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "er", "erk"] = "global"
     options: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
 
@@ -439,7 +439,16 @@ class Run:
         channels to reach it; unstructured ones mask to the resolved sparsity)."""
         if self.method.granularity != "unstructured":
             return self.pruner(model, self.value, self.target, self.experiment.example)
-        return self.pruner(model, self.resolve_sparsity(model))
+        self.pruner(model, self.resolve_sparsity(model))
+        collapsed = collapsed_layers(model)
+        if collapsed:
+            raise InvalidValueError(
+                f"{self.choice.name} at {self.target} {self.value:g} prunes every weight of "
+                f"layer {collapsed[0]!r}"
+                f"{f' (and {len(collapsed) - 1} more)' if len(collapsed) > 1 else ''}, which "
+                "cuts the network; lower the target, use a per-layer scope (layer, erk) or "
+                "exclude the layer")
+        return model
 
     def finetune(self, model: nn.Module) -> None:
         """Fine-tune with the experiment's ``finetune`` recipe."""

@@ -31,7 +31,7 @@ class RunConfig(ExperimentConfig):
     name: str = "run"
     method: str = "magnitude"
     method_options: dict[str, Any] = Field(default_factory=dict)
-    scope: Literal["global", "layer"] = "global"
+    scope: Literal["global", "layer", "er", "erk"] = "global"
     sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9, 0.95])
     seed: int = 0
     out: str = "runs"
@@ -89,7 +89,7 @@ def run_job(
                                                  config.seed)
         row = experiment.row(pruned, config.seed, time.perf_counter() - t0, dense)
         row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
-                   recovery=config.recovery.kind, target_sparsity=sparsity)
+                   recovery=config.recovery.label(), target_sparsity=sparsity)
         rows.append(row)
         if on_row:
             on_row(row)

@@ -48,7 +48,9 @@ def prune(
             methods, ``speedup``); by default the first batch of ``data`` or zeros of the zoo
             model's ``input_shape``.
         scope: ``"global"`` ranks all layers together (one threshold); ``"layer"`` prunes the
-            same fraction of every layer.
+            same fraction of every layer; ``"er"``/``"erk"`` give each layer its
+            Erdős–Rényi(-Kernel) share of the kept weights (Evci et al. 2020) and rank within
+            it (:mod:`prunelab.sparsity.distributions`).
         data: iterable of batches (tensors or ``(inputs, labels)``) for data-driven methods.
         include, exclude: glob patterns on layer names (``"features.*"``) choosing the layers;
             a parameter other than ``weight`` is named ``"<module>.<param>"``

@@ -26,11 +26,14 @@ from prunelab.sparsity import (
     prunable_weights,
     sparsity_for_compression,
 )
+from prunelab.sparsity.distributions import DISTRIBUTIONS, layer_keep_counts
 from prunelab.sparsity.nm import input_dim, nm_keep_mask, output_dim, parse_nm, row_keep_mask
 from prunelab.targets import check_target, solve_ratio
 
 METHODS: Registry[type[Method]] = Registry("method")
-SCOPES = ("global", "layer")
+#: ``global``: one threshold over all layers; ``layer``: the same sparsity in every layer;
+#: ``er``/``erk``: per-layer sparsities from the Erdős–Rényi(-Kernel) distribution.
+SCOPES = ("global", "layer", "er", "erk")
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
@@ -213,7 +216,8 @@ class UnstructuredMethod(Method):
             )
         weights = selection.weights(model)
         with torch.no_grad():
-            scores = [s.detach().float() for s in self.scores(model, weights, data)]
+            scores = [s.detach().to(torch.float64 if s.dtype == torch.float64 else torch.float32)
+                      for s in self.scores(model, weights, data)]
             for weight, score in zip(weights, scores, strict=True):
                 if weight.mask is not None:  # already-pruned weights stay pruned
                     score[weight.mask == 0] = float("-inf")
@@ -232,9 +236,12 @@ class UnstructuredMethod(Method):
                 elif scope == "layer" or target is not None:
                     for weight, score in group:
                         _apply(weight, score, sparsity if target is None else target)
+                elif scope in DISTRIBUTIONS:
+                    _apply_distribution(group, sparsity, scope)
                 else:
                     _apply_global(group, sparsity)
         return model
+
 
 def check_nm(nm: str | None, sparsity: float, target: str,
              selection: LayerSelection) -> tuple[int, int] | None:
@@ -289,6 +296,15 @@ def _groups(
 def _apply(weight: PrunableWeight, score: torch.Tensor, sparsity: float) -> None:
     keep = keep_mask_from_scores(score, round(sparsity * score.numel()))
     _install(weight, keep)
+
+
+def _apply_distribution(pairs: list[Pair], sparsity: float, kind: str) -> None:
+    """Each layer pruned to its share of the budget under ``kind`` (ER, ERK)."""
+    shapes = [tuple(score.shape) for _, score in pairs]
+    counts = layer_keep_counts(shapes, 1.0 - sparsity, kind)
+    for (weight, score), kept in zip(pairs, counts, strict=True):
+        keep = keep_mask_from_scores(score, score.numel() - kept)
+        _install(weight, keep)
 
 
 def _apply_global(pairs: list[Pair], sparsity: float) -> None:

@@ -7,13 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from prunelab.errors import InvalidValueError
 from prunelab.methods.base import UnstructuredMethod, register_method
-from prunelab.metrics.accuracy import task_loss
+from prunelab.methods.gradients import weight_gradients
 from prunelab.sparsity import PrunableWeight
-from prunelab.utils import eval_mode, iter_batches
 
 
 @register_method("taylor")
@@ -33,25 +30,7 @@ class TaylorPruning(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        loss_fn = self.loss or (lambda out, y: task_loss(out, y, reduction="sum"))
-        grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
-        samples = 0
-        with eval_mode(model), torch.enable_grad():
-            for x, y in iter_batches(data, model, self.batches):
-                if y is None:
-                    raise InvalidValueError("taylor needs labelled calibration batches (x, y)")
-                with parametrize.cached():
-                    # The exact tensors the forward uses: each holder's, for a shared tensor.
-                    used = [{id(t): t for t in (getattr(m, p) for _, m, p in w.holders)}
-                            for w in weights]
-                    owners = [i for i, tensors in enumerate(used) for _ in tensors]
-                    loss = loss_fn(model(x), y)
-                    found = torch.autograd.grad(
-                        loss, [t for tensors in used for t in tensors.values()],
-                        allow_unused=True)
-                    for i, g in zip(owners, found, strict=True):
-                        if g is not None:  # None: a holder the forward did not use
-                            grads[i] += g.float()
-                samples += len(y)
+        grads, samples = weight_gradients(model, weights, data, batches=self.batches,
+                                          loss=self.loss, method="taylor")
         pairs = zip(weights, grads, strict=True)
         return [(w.weight.detach().float() * g / samples).abs() for w, g in pairs]

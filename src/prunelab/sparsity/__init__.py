@@ -15,6 +15,7 @@ from prunelab.sparsity.masks import (
 )
 from prunelab.sparsity.prunable import (
     PrunableWeight,
+    collapsed_layers,
     prunable_parameter_names,
     prunable_weights,
     register_prunable,
@@ -26,6 +27,7 @@ __all__ = [
     "PrunableWeight",
     "WeightMask",
     "check_sparsity",
+    "collapsed_layers",
     "get_mask",
     "keep_mask_from_scores",
     "make_permanent",

@@ -27,6 +27,7 @@ from prunelab.sparsity.masks import (
     check_layer_patterns,
     check_sparsity,
     get_mask,
+    masked_parameters,
     matches_any,
     original_weight,
     set_mask,
@@ -233,3 +234,9 @@ def sparsity_for_compression(model: nn.Module, compression: float, **selection) 
             f"so at most {reachable:.1f}x is possible"
         )
     return check_sparsity(1.0 - (target_nonzero - fixed) / prunable, "sparsity for compression")
+
+
+def collapsed_layers(model: nn.Module) -> list[str]:
+    """Names of the masked tensors with no weight left: layers that cut the network's signal."""
+    return [prunable_name(name, param) for name, module, param in masked_parameters(model)
+            if not bool(get_mask(module, param).any())]

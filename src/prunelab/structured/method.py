@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ALL_LAYERS, SCOPES, LayerSelection, Method
+from prunelab.methods.base import ALL_LAYERS, LayerSelection, Method
 from prunelab.metrics import count_parameters, flops_per_module
 from prunelab.sparsity import check_sparsity
 from prunelab.sparsity.masks import check_layer_patterns, matches_any
@@ -99,8 +99,9 @@ class StructuredMethod(Method):
             raise InvalidValueError(
                 f"round_to is a channel multiple >= 1 (1: no rounding; 8 or 16 suit CPU "
                 f"kernels), got {self.round_to}")
-        if scope not in SCOPES:
-            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if scope not in ("global", "layer"):
+            raise InvalidValueError(f"scope of a channel method must be global or layer, got "
+                                    f"{scope!r}")
         if self.needs_data and data is None:
             raise InvalidValueError(
                 f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"

@@ -1,0 +1,64 @@
+"""GraSP (Wang et al. 2020): keep the weights that preserve gradient flow at initialisation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunelab.errors import InvalidValueError
+from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.gradients import accumulate, labelled_batches, used_tensors
+from prunelab.sparsity import PrunableWeight
+from prunelab.utils import eval_mode
+
+
+@register_method("grasp")
+@dataclass
+class GraSP(UnstructuredMethod):
+    """GraSP (Wang et al. 2020): score S = −w ⊙ (H g); remove the weights with the *highest* S.
+
+    Removing a weight changes the gradient norm gᵀg by about −2 w·(Hg) to first order; GraSP
+    keeps the weights whose removal would reduce gradient flow most. g is the loss gradient over
+    the calibration batches (``batches``; ``None``: all given), H g a Hessian-vector product
+    taken by double backward (∂(gᵀ·∂L/∂w)/∂w with g held fixed), both with the logits divided
+    by ``temperature`` (200 in the paper's code) and the model in eval mode. Meant for an
+    untrained network (``schedule: at-init``); needs labelled batches.
+    """
+
+    needs_data = True
+    batches: int | None = None
+    temperature: float = 200.0
+
+    def scores(
+        self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
+    ) -> list[torch.Tensor]:
+        if not self.temperature > 0:
+            raise InvalidValueError(f"grasp temperature must be > 0, got {self.temperature}")
+        grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
+        hg = [torch.zeros_like(g) for g in grads]
+        samples = 0
+
+        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(model(x) / self.temperature, y, reduction="sum")
+
+        with eval_mode(model), torch.enable_grad():
+            for x, y in labelled_batches(data, model, self.batches, "grasp"):
+                with used_tensors(weights) as (tensors, owners):
+                    accumulate(grads, owners, torch.autograd.grad(loss(x, y), tensors,
+                                                                  allow_unused=True))
+                samples += len(y)
+            g = [t / samples for t in grads]
+            for x, y in labelled_batches(data, model, self.batches, "grasp"):
+                with used_tensors(weights) as (tensors, owners):
+                    found = torch.autograd.grad(loss(x, y), tensors, create_graph=True,
+                                                allow_unused=True)
+                    dot = sum((f * g[i].to(f.dtype)).sum()
+                              for i, f in zip(owners, found, strict=True) if f is not None)
+                    accumulate(hg, owners, torch.autograd.grad(dot, tensors, allow_unused=True))
+        # Higher means more important: the negative of GraSP's removal score.
+        return [w.weight.detach().float() * h / samples
+                for w, h in zip(weights, hg, strict=True)]
