@@ -21,14 +21,19 @@ from prunelab.slim.supernet import (
     spec_of,
     width,
 )
+from prunelab.slim.training import SlimmableTraining, calibrate_bn
+from prunelab.slim.training import train_slimmable as train
 
 __all__ = [
+    "SlimmableTraining",
     "SlimmingError",
+    "calibrate_bn",
     "convert",
     "export",
     "get_width",
     "is_slimmable",
     "set_width",
     "spec_of",
+    "train",
     "width",
 ]

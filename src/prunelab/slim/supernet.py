@@ -288,6 +288,7 @@ def convert(
             else:
                 make_slim(module)
     setattr(net, SPEC_ATTR, spec)
+    set_width(net, spec.max_width)
     for w in (spec.min_width, spec.max_width):
         try:
             with torch.no_grad(), width(net, w):
