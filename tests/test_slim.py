@@ -243,3 +243,13 @@ def test_layers_that_cannot_switch_are_named() -> None:
     net = slim.convert(WithLayerNorm(), widths=[0.5, 1.0], exclude=["conv"])
     with slim.width(net, 0.5):
         assert net(X).shape == (6, 10)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-cifar", "concat"])
+def test_counted_macs_match_torchs_flop_counter(name: str) -> None:
+    net = slim.convert(build(name), width_range=(0.2, 1.0))
+    spec = slim.spec_of(net)
+    configs = [0.2, 0.55, 1.0, {spec.groups[0].root: 3, spec.groups[-1].root: 5}]
+    for w in configs:
+        with slim.width(net, w):
+            assert slim.macs(net, w) == count_flops(net, X[:1]).flops // 2

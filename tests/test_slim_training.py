@@ -162,3 +162,45 @@ def test_a_trained_supernet_exports_at_every_width(tmp_path) -> None:
         small = slim.export(net, w).eval()
         with slim.width(net.eval(), w), torch.no_grad():
             torch.testing.assert_close(small(data[0][0]), net(data[0][0]), rtol=1e-4, atol=1e-5)
+
+
+def test_autoslim_shrinks_the_group_that_costs_nothing_first() -> None:
+    torch.manual_seed(4)
+    model = Small()
+    with torch.no_grad():
+        model.fc.weight[:, 4:] = 0  # conv2's last four channels are never read
+    net = slim.convert(model, width_range=(0.25, 1.0)).eval()
+    x = torch.randn(64, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # labels the full net gets all right
+    full = slim.macs(net, 1.0)
+    target = full / slim.macs(net, {"conv": 8, "conv2": 7})
+    found = slim.autoslim(net, [(x, y)], speedup=target)
+    assert found == {"conv": 8, "conv2": 7}
+
+
+def test_autoslim_meets_every_budget_and_keeps_every_group() -> None:
+    net = slim.convert(prunelab.models.create("resnet20"), width_range=(0.25, 1.0))
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    full = slim.macs(net, 1.0)
+    configs = slim.autoslim(net, data, speedup=[1.5, 3.0], step=0.5)
+    spec = slim.spec_of(net)
+    floor = dict(zip([g.root for g in spec.groups], spec.counts(0.25), strict=True))
+    for speedup, config in zip([1.5, 3.0], configs, strict=True):
+        assert slim.macs(net, config) <= full / speedup
+        assert all(k >= floor[root] >= 1 for root, k in config.items())
+    assert sum(configs[1].values()) < sum(configs[0].values())
+    small = slim.export(net.eval(), configs[1]).eval()
+    with slim.width(net, configs[1]), torch.no_grad():
+        torch.testing.assert_close(small(data[0][0]), net(data[0][0]), rtol=1e-4, atol=1e-5)
+    assert slim.get_width(net) == 1.0
+
+
+def test_autoslim_bad_budgets() -> None:
+    net = slim.convert(Small(), width_range=(0.5, 1.0))
+    with pytest.raises(InvalidValueError, match=r"out of reach: this US-Net goes from 1x to"):
+        slim.autoslim(net, [(X, Y)], speedup=50)
+    with pytest.raises(InvalidValueError, match=">= 1"):
+        slim.autoslim(net, [(X, Y)], speedup=0.5)
+    with pytest.raises(InvalidValueError, match="needs a US-Net"):
+        slim.autoslim(slim.convert(Small(), widths=[0.5, 1.0]), [(X, Y)], speedup=1.5)

@@ -11,6 +11,7 @@ first k channels of every channel group, switched at run time::
     small = slim.export(net, 0.5)                                # a plain, narrow nn.Module
 """
 
+from prunelab.slim.autoslim import autoslim, macs
 from prunelab.slim.export import export
 from prunelab.slim.supernet import (
     SlimmingError,
@@ -27,11 +28,13 @@ from prunelab.slim.training import train_slimmable as train
 __all__ = [
     "SlimmableTraining",
     "SlimmingError",
+    "autoslim",
     "calibrate_bn",
     "convert",
     "export",
     "get_width",
     "is_slimmable",
+    "macs",
     "set_width",
     "spec_of",
     "train",

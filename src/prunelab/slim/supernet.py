@@ -115,6 +115,9 @@ class SlimSpec:
     round_to: int
     input_shape: tuple[int, ...]
     current: Width = 1.0
+    #: Per Conv/Linear: (output positions x kernel size, out channels, in channels per group)
+    #: at full width, for counting MACs at any width without running the net.
+    costs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def universal(self) -> bool:
@@ -158,6 +161,19 @@ class SlimSpec:
     def masks(self, width: Width) -> list[torch.Tensor]:
         """The active channels of every group at ``width``."""
         return [g.mask(k) for g, k in zip(self.groups, self.counts(width), strict=True)]
+
+    def macs(self, width: Width) -> int:
+        """Multiply-accumulates of one input at ``width`` (as torch's FLOP counter counts
+        convolutions and linear layers, halved)."""
+        masks = self.masks(width)
+        total = 0
+        for name, (per_channel, out, per_group) in self.costs.items():
+            if name in self.outs:
+                out = count(self.outs[name].active(masks), out)
+            if name in self.ins and name not in self.depthwise:
+                per_group = count(self.ins[name].active(masks), per_group)
+            total += per_channel * out * per_group
+        return total
 
     def choice(self, width: float) -> int | None:
         """The position of ``width`` in an S-Net's list (its switchable BatchNorm)."""
@@ -278,6 +294,7 @@ def convert(
             side = table.setdefault(member.name, Side(full))
             side.links.append((number, torch.tensor(member.idxs), torch.tensor(member.positions)))
     del graph
+    spec.costs = _costs(net, example)
     for name, module in names.items():
         if isinstance(module, ROOT_TYPES) and (name in spec.outs or name in spec.ins):
             make_slim(module)
@@ -302,6 +319,31 @@ def convert(
                 "count; exclude=[...] the layers around it") from None
     net.train(model.training)
     return net
+
+
+def _costs(net: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int, int]]:
+    """Each Conv/Linear's MACs per (output channel x input channel of a group), from one run."""
+    costs: dict[str, tuple[int, int, int]] = {}
+
+    def record(name: str, module: nn.Module, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            out, per_group = module.out_features, module.in_features
+            per_channel = output.numel() // out
+        else:
+            out, per_group = module.out_channels, module.in_channels // module.groups
+            per_channel = output.numel() // out * module.weight[0, 0].numel()
+        previous = costs.get(name, (0, out, per_group))[0]
+        costs[name] = (previous + per_channel, out, per_group)
+
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: record(n, m, o))
+             for n, m in net.named_modules() if isinstance(m, ROOT_TYPES)]
+    try:
+        with torch.no_grad():
+            net.eval()(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return costs
 
 
 def _segments(group: ChannelGroup) -> list[torch.Tensor]:
