@@ -13,6 +13,7 @@ first k channels of every channel group, switched at run time::
 
 from prunelab.slim.autoslim import autoslim, macs
 from prunelab.slim.export import export
+from prunelab.slim.io import load_supernet, save_supernet
 from prunelab.slim.supernet import (
     SlimmingError,
     convert,
@@ -34,7 +35,9 @@ __all__ = [
     "export",
     "get_width",
     "is_slimmable",
+    "load_supernet",
     "macs",
+    "save_supernet",
     "set_width",
     "spec_of",
     "train",

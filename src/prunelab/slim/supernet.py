@@ -118,6 +118,8 @@ class SlimSpec:
     #: Per Conv/Linear: (output positions x kernel size, out channels, in channels per group)
     #: at full width, for counting MACs at any width without running the net.
     costs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: The options ``convert`` was called with (to rebuild the supernet from a checkpoint).
+    options: dict = field(default_factory=dict)
 
     @property
     def universal(self) -> bool:
@@ -295,6 +297,9 @@ def convert(
             side.links.append((number, torch.tensor(member.idxs), torch.tensor(member.positions)))
     del graph
     spec.costs = _costs(net, example)
+    spec.options = {"widths": widths, "width_range": list(width_range) if width_range else None,
+                    "round_to": round_to, "switchable_bn": switchable_bn,
+                    "exclude": list(exclude)}
     for name, module in names.items():
         if isinstance(module, ROOT_TYPES) and (name in spec.outs or name in spec.ins):
             make_slim(module)
