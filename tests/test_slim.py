@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import prunelab
@@ -253,3 +255,28 @@ def test_counted_macs_match_torchs_flop_counter(name: str) -> None:
     for w in configs:
         with slim.width(net, w):
             assert slim.macs(net, w) == count_flops(net, X[:1]).flops // 2
+
+
+def test_usnet_training_statistics_move_only_on_active_channels_of_an_index_set() -> None:
+    net = slim.convert(build("concat"), width_range=(0.5, 1.0))
+    net.train()
+    with torch.no_grad(), slim.width(net, 0.5):
+        net(X + 5)
+    moved = (net.bn.running_mean != 0).nonzero().flatten().tolist()
+    assert moved == [0, 1, 2, 3, 8, 9, 10]
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 600), round_to=st.sampled_from([1, 2, 4, 8, 16]),
+       lo=st.floats(0.01, 1.0), hi=st.floats(0.01, 1.0))
+def test_channel_counts_are_rounded_bounded_and_monotone(size, round_to, lo, hi) -> None:
+    lo, hi = sorted((lo, hi))
+    spec = slim.supernet.SlimSpec([], {}, {}, set(), None, (lo, hi), round_to, (3, 8, 8))
+    small, large = spec.channels(lo, size), spec.channels(hi, size)
+    for k in (small, large):
+        assert 1 <= k <= size
+        assert k % round_to == 0 or k == size
+    assert small <= large
+    assert spec.channels(1.0, size) == size
+    if round_to == 1:
+        assert abs(spec.channels(hi, size) - hi * size) <= 0.5 or spec.channels(hi, size) == 1

@@ -135,8 +135,9 @@ class SlimSpec:
         return self.width_range[0] if self.universal else self.widths[0]
 
     def channels(self, width: float, size: int) -> int:
-        """Channels a group of ``size`` keeps at a uniform ``width`` (nearest, ``round_to``)."""
-        if size <= self.round_to:
+        """Channels a group of ``size`` keeps at a uniform ``width`` (nearest, ``round_to``);
+        width 1 is always the whole group."""
+        if size <= self.round_to or width >= 1:
             return size
         k = max(1, math.floor(width * size + 0.5))
         if self.round_to > 1:
