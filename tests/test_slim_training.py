@@ -13,6 +13,7 @@ from torch import nn
 import prunelab
 from prunelab import slim
 from prunelab.errors import InvalidValueError
+from prunelab.structured import structure_of
 from prunelab.training import TrainRecipe
 
 torch.manual_seed(0)
@@ -204,3 +205,17 @@ def test_autoslim_bad_budgets() -> None:
         slim.autoslim(net, [(X, Y)], speedup=0.5)
     with pytest.raises(InvalidValueError, match="needs a US-Net"):
         slim.autoslim(slim.convert(Small(), widths=[0.5, 1.0]), [(X, Y)], speedup=1.5)
+
+
+def test_autoslim_method_reaches_its_speedup() -> None:
+    model = prunelab.models.create("resnet20")
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(3)]
+    before = prunelab.measure(model, data[0][0][:1])
+    prunelab.prune(model, "autoslim", speedup=2.0, data=data,
+                   supernet_epochs=1, step=0.5, search_batches=1)
+    after = prunelab.measure(model, data[0][0][:1])
+    assert before.flops / after.flops >= 2.0
+    assert model(data[0][0]).shape == (8, 10)
+    assert structure_of(model)  # an ordinary structurally pruned model: saves and reloads
+    with pytest.raises(InvalidValueError, match="MACs budget"):
+        prunelab.prune(prunelab.models.create("resnet20"), "autoslim", 0.5, data=data)
