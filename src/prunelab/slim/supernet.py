@@ -120,6 +120,20 @@ class SlimSpec:
     costs: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     #: The options ``convert`` was called with (to rebuild the supernet from a checkpoint).
     options: dict = field(default_factory=dict)
+    #: Active channels per layer for recently used widths (switching is then a lookup).
+    indices: dict = field(default_factory=dict, repr=False)
+
+    def layer_indices(self, counts: tuple[int, ...]) -> dict[str, tuple[Index, Index]]:
+        """``{layer: (active outputs, active inputs)}`` when group g keeps ``counts[g]``."""
+        if counts not in self.indices:
+            if len(self.indices) >= 64:  # a US-Net draws new widths every step
+                self.indices.clear()
+            masks = [g.mask(k) for g, k in zip(self.groups, counts, strict=True)]
+            self.indices[counts] = {
+                name: (self.outs[name].active(masks) if name in self.outs else None,
+                       self.ins[name].active(masks) if name in self.ins else None)
+                for name in {*self.outs, *self.ins}}
+        return self.indices[counts]
 
     @property
     def universal(self) -> bool:
@@ -415,17 +429,15 @@ def set_width(net: nn.Module, width: Width) -> None:
     """Run ``net`` at ``width`` from now on (a fraction, or ``{group root: channels}``)."""
     spec = spec_of(net)
     counts = spec.counts(width)
-    masks = [g.mask(k) for g, k in zip(spec.groups, counts, strict=True)]
+    indices = spec.layer_indices(counts)
     choice = None if spec.universal or isinstance(width, Mapping) else spec.choice(width)
     for name, module in net.named_modules():
         if isinstance(module, SlimLayer):
-            out = spec.outs.get(name)
-            module.slim_out = out.active(masks) if out is not None else None
+            module.slim_out, slim_in = indices.get(name, (None, None))
             if isinstance(module, SlimBatchNorm):
                 module.slim_key = counts
                 continue
-            inn = spec.ins.get(name)
-            module.slim_in = inn.active(masks) if inn is not None else None
+            module.slim_in = slim_in
             if isinstance(module, SlimConv) and module.slim_depthwise:
                 module.groups = count(module.slim_out, module.out_channels)
         elif isinstance(module, SwitchableBatchNorm):
