@@ -196,6 +196,7 @@ def test_torchvision_models_convert() -> None:
     (dict(), "either widths"),
     (dict(widths=[0.5], width_range=(0.2, 1.0)), "either widths"),
     (dict(widths=[0.5, 1.0], round_to=0), "round_to"),
+    (dict(widths=[0.5, 1.0], exclude=["layer9*"]), "matches no prunable layer"),
 ])
 def test_bad_conversions_get_one_clear_error(options, message) -> None:
     with pytest.raises(InvalidValueError, match=message):

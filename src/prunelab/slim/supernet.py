@@ -36,6 +36,7 @@ from prunelab.slim.layers import (
     count,
     make_slim,
 )
+from prunelab.sparsity.masks import check_layer_patterns
 from prunelab.structured.graph import (
     ROOT_TYPES,
     ChannelGroup,
@@ -293,6 +294,10 @@ def convert(
         raise InvalidValueError("the model is already slimmable")
     example = as_example(net, example_input)
     names = dict(net.named_modules())
+    if isinstance(exclude, str):
+        exclude = [exclude]
+    check_layer_patterns([n for n, m in names.items() if isinstance(m, ROOT_TYPES)],
+                         {"exclude": exclude})
     excluded = [m for n, m in names.items() if isinstance(m, ROOT_TYPES)
                 and any(fnmatch.fnmatchcase(n, p) for p in exclude)]
     graph = Graph(net, example, [*output_layers(net, example), *excluded])
