@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from prunelab.cli_slim import slim_app
 from prunelab.errors import PrunelabError
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     help="Prune any PyTorch model and evaluate it honestly.",
     pretty_exceptions_enable=False,
 )
+app.add_typer(slim_app, name="slim")
 # Wide tables when output is piped or logged (rich would otherwise truncate to 80 columns).
 # No markup: names, paths and messages from the user are printed as they are ("[/x]" included).
 console = Console(width=None if sys.stdout.isatty() else 160, markup=False)

@@ -34,6 +34,11 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     loss: torch.Tensor | None = None
+    #: The step's batch and the model's output on it (set before ``penalty`` is asked), for
+    #: callbacks whose extra loss needs them (slimmable training runs the batch at more widths).
+    inputs: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 class Callback:
@@ -159,7 +164,7 @@ def train(
                 with input_errors(model, x):
                     logits = model(x)
                 loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
-                state.loss = loss
+                state.loss, state.inputs, state.targets, state.logits = loss, x, y, logits
                 total = loss
                 for callback in callbacks:
                     extra = callback.penalty(state)

@@ -1,0 +1,86 @@
+"""S-Net vs the same widths trained one by one, and the shared-BatchNorm baseline, on CIFAR-10.
+
+ResNet-20 at widths 0.25, 0.5, 0.75, 1.0 on a subset of the CIFAR-10 JPEG copy, same recipe
+and epochs for every variant:
+- ``snet``: one slimmable net, switchable BatchNorm, every width's loss each step;
+- ``naive``: the same with one BatchNorm shared by all widths (the paper's failing baseline);
+- ``individual``: each width exported from an untrained supernet and trained alone;
+- ``usnet``: a US-Net (0.25-1.0, sandwich 4, inplace distillation), each width evaluated with
+  and without BatchNorm calibration.
+Test top-1 per width. Small CPU budgets: trends, not the paper's numbers. Run one variant per
+call (``--variant``), each writes results/slim_accuracy_<variant>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import prunelab
+from prunelab import slim
+from prunelab.metrics import evaluate
+from prunelab.training import TrainRecipe, train
+
+from common import report
+
+WIDTHS = [0.25, 0.5, 0.75, 1.0]
+
+
+def test_top1(model, bundle) -> float:
+    return evaluate(model, bundle.loader("test", 256), topk=(1,))["top1"]
+
+
+def run(variant: str, seed: int, bundle, recipe: TrainRecipe) -> list[dict]:
+    torch.manual_seed(seed)
+    model = prunelab.models.create("resnet20")
+    loader = bundle.loader("train", recipe.batch_size, shuffle=True, seed=seed)
+    rows = []
+    if variant == "individual":
+        base = slim.convert(model, widths=WIDTHS)
+        for w in WIDTHS:
+            small = slim.export(base, w)
+            train(small, loader, recipe, quiet=True)
+            rows.append({"width": w, "top1": test_top1(small, bundle)})
+        return rows
+    if variant == "usnet":
+        net = slim.convert(model, width_range=(WIDTHS[0], WIDTHS[-1]))
+    else:
+        net = slim.convert(model, widths=WIDTHS, switchable_bn=variant == "snet")
+    slim.train(net, loader, recipe, quiet=True, seed=seed)
+    for w in WIDTHS:
+        with slim.width(net, w):
+            row = {"width": w, "top1": test_top1(net, bundle)}
+        if variant == "usnet":
+            slim.calibrate_bn(net, w, bundle.loader("train", 256, augment=False), limit=10)
+            with slim.width(net, w):
+                row["top1 (uncalibrated)"] = row["top1"]
+                row["top1"] = test_top1(net, bundle)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", choices=["snet", "naive", "individual", "usnet"],
+                        required=True)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=5000, help="samples per split")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    bundle = prunelab.data.load("cifar10", limit=args.limit)
+    recipe = TrainRecipe(epochs=args.epochs, batch_size=128, lr=0.1, weight_decay=1e-4,
+                         schedule="cosine")
+    rows = []
+    for seed in args.seeds:
+        for row in run(args.variant, seed, bundle, recipe):
+            rows.append({"variant": args.variant, "seed": seed, **row})
+    report(f"slim_accuracy_{args.variant}",
+           f"ResNet-20 {args.variant}, CIFAR-10 JPEG subset ({args.limit}/split), "
+           f"{args.epochs} epochs, test top-1", rows,
+           extra={"epochs": args.epochs, "limit": args.limit, "source": bundle.source})
+
+
+if __name__ == "__main__":
+    main()

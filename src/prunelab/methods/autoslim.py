@@ -1,0 +1,80 @@
+"""AutoSlim as a channel-pruning method: per-layer widths searched on a slimmable supernet."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from prunelab.checkpoint import load_state_dict
+from prunelab.errors import InvalidValueError
+from prunelab.methods.base import ALL_LAYERS, LayerSelection, register_method
+from prunelab.structured import StructuredMethod
+from prunelab.structured.graph import apply_plan, as_example
+from prunelab.utils import iter_batches
+
+
+@register_method("autoslim")
+@dataclass
+class AutoSlimPruning(StructuredMethod):
+    """AutoSlim (Yu & Huang 2019): greedy channel counts on a US-Net, under a MACs budget.
+
+    The model becomes a US-Net (widths ``min_width`` to 1, shared weights), trained as one for
+    ``supernet_epochs`` passes over ``data`` (the sandwich rule with ``sandwich`` widths per
+    step and inplace distillation, SGD at ``lr``), except the last ``search_batches`` batches,
+    which are held out: each round shrinks the channel group (by ``step`` of its channels) whose
+    shrinking costs the least accuracy on them, until the MACs meet the ``speedup`` target.
+    The found channels are then removed from the model, which takes the supernet's weights for
+    them (BatchNorm calibrated on the training batches); a scratch recovery trains the found
+    architecture from scratch as the paper does. Only ``target="speedup"`` is accepted; with the
+    sweep's few calibration batches this is a small-budget version of the paper's long supernet
+    training (raise ``calibration_batches``). See docs/slimmable.md.
+    """
+
+    needs_data: ClassVar[bool] = True
+    min_width: float = 0.25
+    supernet_epochs: int = 1
+    sandwich: int = 4
+    lr: float = 0.01
+    step: float = 0.1
+    search_batches: int = 2
+
+    def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
+              data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
+              target: str = "sparsity", example_input: torch.Tensor | None = None
+              ) -> nn.Module:
+        from prunelab import slim
+        from prunelab.training import TrainRecipe
+
+        if target != "speedup":
+            raise InvalidValueError(
+                "autoslim searches under a MACs budget: give the target as a speedup "
+                f"(target='speedup'), not {target!r}")
+        if data is None:
+            raise InvalidValueError("autoslim needs data: pass data=<iterable of batches>")
+        batches = [(x, y) for x, y in iter_batches(data, model)]
+        if any(y is None for _, y in batches) or len(batches) <= self.search_batches:
+            raise InvalidValueError(
+                f"autoslim needs more than search_batches={self.search_batches} labelled "
+                f"batches (got {len(batches)}): training batches plus held-out search batches")
+        train, held_out = batches[:-self.search_batches], batches[-self.search_batches:]
+        example = as_example(model, example_input, data)
+        net = slim.convert(model, width_range=(self.min_width, 1.0), round_to=self.round_to,
+                           example_input=example, exclude=selection.exclude)
+        recipe = TrainRecipe(epochs=self.supernet_epochs, batch_size=len(train[0][1]),
+                             lr=self.lr, weight_decay=1e-4, schedule="cosine",
+                             channels_last=False)
+        slim.train(net, train, recipe, sandwich=self.sandwich, quiet=True)
+        found = slim.autoslim(net, held_out, speedup=sparsity, step=self.step)
+        slim.calibrate_bn(net, found, train)
+        small = slim.export(net.eval(), found)
+        spec = slim.spec_of(net)
+        masks = spec.masks(found)
+        plan = {g.root: (~mask).nonzero().flatten().tolist()
+                for g, mask in zip(spec.groups, masks, strict=True) if not bool(mask.all())}
+        apply_plan(model, plan, example)
+        load_state_dict(model, small.state_dict())
+        return model

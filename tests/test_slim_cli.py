@@ -1,0 +1,54 @@
+"""`prunelab slim train|search|export` end to end on the embedded digits, and its bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import prunelab
+from prunelab import slim
+from prunelab.cli import app, main
+
+runner = CliRunner()
+SMALL = ["--dataset", "digits", "--limit", "200"]
+
+
+def test_train_search_export(tmp_path) -> None:
+    supernet = tmp_path / "us.pt"
+    result = runner.invoke(app, ["slim", "train", "--out", str(supernet), "--model", "resnet20",
+                                 "--width-range", "0.25,1", "--epochs", "1", "-q", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "supernet by width" in result.output
+    net, _ = slim.load_supernet(supernet)
+    assert slim.spec_of(net).width_range == (0.25, 1.0)
+    widths = tmp_path / "w.json"
+    result = runner.invoke(app, ["slim", "search", str(supernet), "--speedup", "2",
+                                 "--out", str(widths), "--step", "0.25", "--batches", "1",
+                                 *SMALL])
+    assert result.exit_code == 0, result.output
+    (entry,) = json.loads(widths.read_text())
+    assert entry["macs"] <= slim.macs(net, 1.0) / 2
+    small = tmp_path / "small.pt"
+    result = runner.invoke(app, ["slim", "export", str(supernet), "--widths-file", str(widths),
+                                 "--out", str(small), *SMALL])
+    assert result.exit_code == 0, result.output
+    model, _ = prunelab.load_checkpoint(small)  # rebuilt from the zoo, no pickled model
+    x = torch.zeros(1, *slim.spec_of(net).input_shape)
+    assert prunelab.measure(model, x).flops // 2 == entry["macs"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["slim", "train", "--out", "x.pt", "--widths", "0.5,1.5"], "(0, 1]"),
+    (["slim", "train", "--out", "x.pt", "--widths", "a,b"], "numbers like"),
+    (["slim", "export", "missing.pt", "--out", "x.pt", "--width", "0.5"], "does not exist"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *SMALL])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
