@@ -90,3 +90,186 @@ def test_group_lasso_method_trains_and_prunes_to_the_target() -> None:
 def test_negative_strength_is_refused(name: str, option: str) -> None:
     with pytest.raises(InvalidValueError, match="strength must be a finite number >= 0"):
         METHODS.get(name).create(**{option: -1.0})
+
+
+# Learned thresholds (STR) and L0 gates
+
+
+def test_str_forward_and_gradient_match_the_soft_threshold_formula() -> None:
+    from prunelab.methods.str_threshold import SoftThreshold
+
+    w = torch.tensor([0.5, -0.05, -0.3, 0.01], requires_grad=True)
+    gate = SoftThreshold(s_init=-2.0)
+    tau = torch.sigmoid(torch.tensor(-2.0))  # 0.119
+    out = gate(w)
+    assert torch.allclose(out, torch.tensor([0.5 - tau, 0.0, -(0.3 - tau), 0.0]))
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (out * upstream).sum().backward()
+    active = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    assert torch.allclose(w.grad, upstream * active)
+    # d/ds: −sign(w)·σ'(s) over active weights.
+    expected_s = -(torch.sign(w.detach()) * upstream * active).sum() * tau * (1 - tau)
+    assert torch.allclose(gate.s.grad, expected_s)
+
+
+def test_str_training_ends_with_ordinary_masks() -> None:
+    model = mlp()
+    method = METHODS.get("str").create(s_init=-1.5)  # threshold 0.18: some weights go at once
+    train(model, batches(), TrainRecipe(epochs=1, batch_size=16, lr=0.01),
+          callbacks=method.training_callbacks(), quiet=True)
+    masks = [prunelab.sparsity.get_mask(m) for m in (model[0], model[2], model[4])]
+    assert all(mask is not None for mask in masks)
+    assert sum(int((mask == 0).sum()) for mask in masks) > 0
+    assert all(not hasattr(m.parametrizations.weight[0], "s") for m in (model[0],))
+    prunelab.prune(model, method, 0.9)
+    assert prunelab.sparsity.mask_sparsity(model) == pytest.approx(0.9, abs=0.02)
+
+
+def test_l0_penalty_gradient_matches_the_expected_l0_formula() -> None:
+    from prunelab.methods.l0_gates import GAMMA, ZETA, L0Callback
+
+    model = mlp()
+    callback = L0Callback(strength=2.0, temperature=0.5)
+    callback.on_setup(model)
+    s = state(model, batch_size=10, steps=3)  # N = 30
+    callback.penalty(s).backward()
+    for gate in callback.gates(model):
+        p = torch.sigmoid(gate.log_alpha.detach() - 0.5 * torch.log(torch.tensor(-GAMMA / ZETA)))
+        assert torch.allclose(gate.log_alpha.grad, 2.0 / 30 * p * (1 - p))
+
+
+def test_hard_concrete_gates_in_eval_are_deterministic_with_exact_zeros() -> None:
+    from prunelab.methods.l0_gates import HardConcreteGate
+
+    gate = HardConcreteGate((6,), temperature=2 / 3, init_keep=0.5)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([-5.0, -2.5, -1.0, 0.0, 2.0, 5.0]))
+    gate.eval()
+    first, second = gate.gate(), gate.gate()
+    assert torch.equal(first, second)
+    assert first[0] == 0 and first[1] == 0 and first[-1] == 1  # exact 0 and 1 reached
+    expected = (torch.sigmoid(gate.log_alpha.detach()) * 1.2 - 0.1).clamp(0, 1)
+    assert torch.equal(first, expected)
+    gate.train()
+    assert not torch.equal(gate.gate(), gate.gate())  # sampled in training
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_l0_training_bakes_test_time_gates_into_masks(granularity: str) -> None:
+    model = mlp()
+    method = METHODS.get("l0").create(strength=1.0, granularity=granularity)
+    callbacks = method.training_callbacks()
+    for c in callbacks:
+        c.on_setup(model)
+    with torch.no_grad():  # close some gates for sure
+        model[0].parametrizations.weight[0].log_alpha[:2] = -10.0
+    for c in callbacks:
+        c.on_train_end(state(model))
+    mask = prunelab.sparsity.get_mask(model[0])
+    assert mask is not None and not mask[:2].any()
+    assert model[0].weight[:2].abs().sum() == 0
+    if granularity == "neuron":
+        assert mask[2:].all()
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+def test_temperature_must_be_positive(value: float) -> None:
+    with pytest.raises(InvalidValueError, match="temperature must be a finite number > 0"):
+        METHODS.get("l0").create(temperature=value)
+
+
+# Sparse variational dropout
+
+
+def test_sparse_vd_uses_the_papers_constants_and_fits_the_true_kl() -> None:
+    """The approximation differs from the exact −KL (up to its additive constant, which makes
+    −KL → 0 as α → ∞: (Euler γ + log 2)/2) by under 0.01 for log α in [−4, 6]."""
+    import math
+
+    from prunelab.methods import sparse_vd
+
+    assert (sparse_vd.K1, sparse_vd.K2, sparse_vd.K3) == (0.63576, 1.87320, 1.48695)
+    t = torch.linspace(-12, 12, 2_000_001, dtype=torch.float64)
+    density = torch.exp(-t * t / 2) / math.sqrt(2 * math.pi)
+    limit = (0.5772156649 + math.log(2)) / 2
+    for log_alpha in (-4.0, -2.0, 0.0, 1.0, 3.0, 6.0):
+        # exact −KL up to a constant: ½ log α − E log|ε|, ε ~ N(1, α)
+        e_log = (torch.log((1 + math.exp(log_alpha / 2) * t).abs()) * density).sum() * (t[1] - t[0])
+        exact = 0.5 * log_alpha - float(e_log) - limit
+        approx = float(sparse_vd.neg_kl(torch.tensor(log_alpha)))
+        assert abs(approx - exact) < 0.01, log_alpha
+
+
+def vd_model() -> tuple[nn.Sequential, object]:
+    from prunelab.methods.sparse_vd import SparseVDCallback
+
+    model = mlp()
+    callback = SparseVDCallback(kl_weight=1.5, init_log_sigma2=-4.0)
+    callback.on_setup(model)
+    return model, callback
+
+
+def test_sparse_vd_kl_gradient_matches_the_hand_formula() -> None:
+    from prunelab.methods.sparse_vd import K1, K2, K3
+
+    model, callback = vd_model()
+    callback.penalty(state(model, batch_size=10, steps=2)).backward()  # N = 20
+    for layer in (model[0], model[2], model[4]):
+        gate = layer.parametrizations.weight[0]
+        theta = layer.parametrizations.weight.original.detach()
+        la = (gate.log_sigma2.detach() - torch.log(theta**2 + 1e-8))
+        assert la.abs().max() < 8  # not clipped here
+        z = torch.sigmoid(K2 + K3 * la)
+        d_neg_kl = K1 * K3 * z * (1 - z) + 0.5 * torch.sigmoid(-la)
+        assert torch.allclose(gate.log_sigma2.grad, -1.5 / 20 * d_neg_kl, rtol=1e-4, atol=1e-9)
+
+
+def test_local_reparameterisation_has_the_analytic_mean_and_variance() -> None:
+    model, _ = vd_model()
+    layer = model[0]
+    x = torch.randn(3, 4)
+    theta = layer.parametrizations.weight.original.detach()
+    sigma2 = layer.parametrizations.weight[0].log_sigma2.detach().exp()
+    torch.manual_seed(0)
+    samples = torch.stack([layer(x.expand(1, 3, 4)[0]).detach() for _ in range(20000)])
+    assert torch.allclose(samples.mean(0), x @ theta.T + layer.bias.detach(), atol=0.01)
+    assert torch.allclose(samples.var(0), (x * x) @ sigma2.T, rtol=0.05)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))  # no noise at test time
+
+
+def test_sparse_vd_prunes_weights_with_log_alpha_above_3() -> None:
+    model, callback = vd_model()
+    layer = model[0]
+    theta = layer.parametrizations.weight.original.detach()
+    with torch.no_grad():  # log α = 2.9 for row 0, 3.1 for row 1, low elsewhere
+        log_sigma2 = layer.parametrizations.weight[0].log_sigma2
+        log_sigma2.copy_(torch.log(theta**2 + 1e-8) - 5)
+        log_sigma2[0] = torch.log(theta[0] ** 2 + 1e-8) + 2.9
+        log_sigma2[1] = torch.log(theta[1] ** 2 + 1e-8) + 3.1
+    callback.on_train_end(state(model))
+    mask = prunelab.sparsity.get_mask(layer)
+    assert mask[0].all() and not mask[1].any() and mask[2:].all()
+    assert torch.equal(layer.parametrizations.weight.original, theta)
+    assert not layer._forward_hooks  # the noise hook is gone
+
+
+def test_sparse_vd_on_an_unsupported_layer_names_it() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 2))
+    callback = METHODS.get("sparse-vd").create().training_callbacks()[0]
+    with pytest.raises(InvalidValueError, match="'0' is a Embedding parameter"):
+        callback.on_setup(model)
+
+
+def test_sparse_vd_trains_with_the_harness_and_leaves_masks() -> None:
+    model = mlp()
+    method = METHODS.get("sparse-vd").create(kl_weight=1.0, warmup_epochs=0.5)
+    train(model, batches(), TrainRecipe(epochs=2, batch_size=16, optimizer="adam", lr=1e-2,
+                                        weight_decay=0), callbacks=method.training_callbacks(),
+          quiet=True)
+    assert prunelab.sparsity.get_mask(model[0]) is not None
+    assert all(not hasattr(m, "parametrizations") or len(m.parametrizations.weight) == 1
+               for m in model)
+    before = prunelab.sparsity.mask_sparsity(model)
+    prunelab.prune(model, method, 0.0)  # the learned mask stays
+    assert prunelab.sparsity.mask_sparsity(model) == before
