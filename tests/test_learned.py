@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import prunelab
-from prunelab.errors import InvalidValueError
+from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.methods import METHODS
 from prunelab.methods.group_lasso import GroupLasso, remove_below
 from prunelab.methods.l1_penalty import WeightL1
@@ -273,3 +273,70 @@ def test_sparse_vd_trains_with_the_harness_and_leaves_masks() -> None:
     before = prunelab.sparsity.mask_sparsity(model)
     prunelab.prune(model, method, 0.0)  # the learned mask stays
     assert prunelab.sparsity.mask_sparsity(model) == before
+
+
+# Variance pruning and neuron merging
+
+
+def merge_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+
+
+def calibration() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(64, 4, generator=g) for _ in range(4)]
+
+
+def test_merging_a_duplicated_neuron_leaves_the_output_unchanged() -> None:
+    model = merge_model()
+    with torch.no_grad():  # neuron 3 duplicates neuron 1, scaled by 2 (so β = 2)
+        model[0].weight[3] = 2 * model[0].weight[1]
+        model[0].bias[3] = 2 * model[0].bias[1]
+    x = torch.randn(10, 4)
+    before = model(x)
+    prunelab.prune(model, "merge", 1 / 6, data=calibration(), include=["0"])
+    assert model[0].out_features == 5 and model[2].in_features == 5
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_variance_pruning_of_a_constant_neuron_leaves_the_output_unchanged() -> None:
+    model = merge_model()
+    with torch.no_grad():  # neuron 2 always outputs relu(0.7) = 0.7
+        model[0].weight[2] = 0
+        model[0].bias[2] = 0.7
+    x = torch.randn(10, 4)
+    before = model(x)
+    prunelab.prune(model, "merge", 1 / 6, data=calibration(), include=["0"])
+    assert model[0].out_features == 5
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_plain_removal_of_the_same_neuron_changes_the_output() -> None:
+    model = merge_model()
+    with torch.no_grad():
+        model[0].weight[2] = 0
+        model[0].bias[2] = 0.7
+    x = torch.randn(10, 4)
+    before = model(x)
+    prunelab.prune(model, "merge", 1 / 6, data=calibration(), include=["0"], compensate=False)
+    assert model[0].out_features == 5
+    assert not torch.allclose(model(x), before, atol=1e-3)
+
+
+def test_of_two_duplicates_only_one_goes_and_chains_stay_exact() -> None:
+    model = merge_model()
+    with torch.no_grad():  # neurons 1, 3, 4 are copies: two can go at no cost
+        for j in (3, 4):
+            model[0].weight[j] = model[0].weight[1]
+            model[0].bias[j] = model[0].bias[1]
+    x = torch.randn(10, 4)
+    before = model(x)
+    prunelab.prune(model, "merge", 2 / 6, data=calibration(), include=["0"])
+    assert model[0].out_features == 4
+    assert torch.allclose(model(x), before, atol=1e-5)
+
+
+def test_merging_without_calibration_data_is_refused() -> None:
+    with pytest.raises(PrunelabError, match="needs calibration data"):
+        prunelab.prune(merge_model(), "merge", 0.3, example_input=torch.zeros(1, 4))
