@@ -340,3 +340,30 @@ def test_of_two_duplicates_only_one_goes_and_chains_stay_exact() -> None:
 def test_merging_without_calibration_data_is_refused() -> None:
     with pytest.raises(PrunelabError, match="needs calibration data"):
         prunelab.prune(merge_model(), "merge", 0.3, example_input=torch.zeros(1, 4))
+
+
+def test_regularizer_runs_a_method_from_a_plain_pytorch_loop() -> None:
+    import torch.nn.functional as F
+
+    from prunelab.training import Regularizer
+
+    model = mlp()
+    data = batches()
+    method = METHODS.get("sparse-vd").create()
+    reg = Regularizer(model, method.training_callbacks(), steps_per_epoch=len(data),
+                      batch_size=16, epochs=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    assert any(p is model[0].parametrizations.weight[0].log_sigma2
+               for p in optimizer.param_groups[0]["params"])
+    reg.begin(optimizer)
+    for _ in range(2):
+        for x, y in data:
+            loss = F.cross_entropy(model(x), y) + reg.penalty()
+            optimizer.zero_grad()
+            loss.backward()
+            reg.after_backward()
+            optimizer.step()
+            reg.step_end()
+    assert reg.state.epoch == 2
+    reg.end()
+    assert prunelab.sparsity.get_mask(model[0]) is not None
