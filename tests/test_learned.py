@@ -367,3 +367,21 @@ def test_regularizer_runs_a_method_from_a_plain_pytorch_loop() -> None:
     assert reg.state.epoch == 2
     reg.end()
     assert prunelab.sparsity.get_mask(model[0]) is not None
+
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("sparse-vd", "{kl_weight: -1}", "KL weight must be a finite number >= 0"),
+    ("l0", "{temperature: 0}", "temperature must be a finite number > 0"),
+    ("group-lasso", "{strength: -0.1}", "group lasso strength must be"),
+    ("l1-penalty", "{strength: -0.1}", "L1 strength must be"),
+])
+def test_cli_bad_learned_options_exit_2(tmp_path, capsys, method, options, message) -> None:
+    from prunelab.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(f"method: {method}\nmethod_options: {options}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", str(config), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
