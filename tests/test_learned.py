@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hypothesis.strategies as st
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 import prunelab
@@ -385,3 +387,21 @@ def test_cli_bad_learned_options_exit_2(tmp_path, capsys, method, options, messa
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(st.integers(0, 2**16), st.integers(3, 8), st.floats(-3, 3).filter(lambda b: abs(b) > 0.1))
+def test_merging_any_scaled_copy_is_exact(seed: int, hidden: int, scale: float) -> None:
+    """A hidden neuron that is a positive or negative multiple of another (through ReLU, a
+    negative copy is not affine in the original, so the copy is built after the activation)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(), nn.Linear(hidden, 2))
+    with torch.no_grad():  # relu(c·z) = c·relu(z) for c > 0: neuron 0 = |scale| × neuron 1
+        model[0].weight[0] = abs(scale) * model[0].weight[1]
+        model[0].bias[0] = abs(scale) * model[0].bias[1]
+    data = [torch.randn(64, 3, generator=torch.Generator().manual_seed(seed))]
+    x = torch.randn(7, 3)
+    before = model(x)
+    prunelab.prune(model, "merge", 1 / hidden, data=data)
+    assert model[0].out_features == hidden - 1
+    assert torch.allclose(model(x), before, atol=1e-4, rtol=1e-4)
