@@ -44,6 +44,10 @@ class TrainState:
 class Callback:
     """Hooks into :func:`train`. Override what you need; every hook is optional."""
 
+    def on_setup(self, model: nn.Module) -> None:
+        """Before the optimiser is created: the place to add trainable parameters to the model
+        (learned gates, thresholds, variances), so that the optimiser trains them."""
+
     def on_train_begin(self, state: TrainState) -> None: ...
 
     def on_step_begin(self, state: TrainState) -> None: ...
@@ -111,6 +115,8 @@ def train(
     channels_last = recipe.channels_last and uses_convolutions(model)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    for callback in callbacks:
+        callback.on_setup(model)
     optimizer = recipe.make_optimizer(model)
     total_steps = recipe.epochs * steps_per_epoch
     state = TrainState(model, optimizer, recipe, steps_per_epoch, total_steps)
