@@ -142,6 +142,22 @@ class Method:
         ``target="compression"`` / ``"speedup"`` a parameter / FLOPs reduction factor."""
         raise NotImplementedError
 
+    def _requested_sparsity(self, model: nn.Module, value: float, target: str, scope: str,
+                            data: Iterable | None, selection: LayerSelection,
+                            example_input: torch.Tensor | None) -> float:
+        """The sparsity a weight-level ``prune`` call asks for (a compression or speed-up target
+        solved for), after refusing an unknown scope or missing calibration data."""
+        if target != "sparsity":
+            value = self._sparsity_for(model, target, value, scope, data, selection,
+                                       example_input)
+        value = check_sparsity(value)
+        if scope not in SCOPES:
+            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        if self.needs_data and data is None:
+            raise PrunelabError(
+                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>")
+        return value
+
     def _sparsity_for(self, model: nn.Module, target: str, value: float, scope: str,
                       data: Iterable | None, selection: LayerSelection,
                       example_input: torch.Tensor | None) -> float:
@@ -204,16 +220,8 @@ class UnstructuredMethod(Method):
         example_input: torch.Tensor | None = None,
     ) -> nn.Module:
         pattern = check_nm(self.nm, sparsity, target, selection)
-        if target != "sparsity":
-            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
-                                          example_input)
-        sparsity = check_sparsity(sparsity)
-        if scope not in SCOPES:
-            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if self.needs_data and data is None:
-            raise PrunelabError(
-                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
-            )
+        sparsity = self._requested_sparsity(model, sparsity, target, scope, data, selection,
+                                            example_input)
         weights = selection.weights(model)
         with torch.no_grad():
             scores = [s.detach().to(torch.float64 if s.dtype == torch.float64 else torch.float32)
@@ -367,15 +375,8 @@ class ReconstructionMethod(Method):
         from prunelab.methods.layerwise import prune_layerwise
 
         pattern = check_nm(self.nm, sparsity, target, selection)
-        if target != "sparsity":
-            sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
-                                          example_input)
-        sparsity = check_sparsity(sparsity)
-        if scope not in SCOPES:
-            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        if data is None:
-            raise PrunelabError(
-                f"method {self.name!r} needs calibration data: pass data=<iterable of batches>")
+        sparsity = self._requested_sparsity(model, sparsity, target, scope, data, selection,
+                                            example_input)
         if self.input_blocks < 1 or self.max_memory_gb <= 0:
             raise InvalidValueError(f"method {self.name!r} needs input_blocks >= 1 and "
                                     f"max_memory_gb > 0, got {self.input_blocks}, "
