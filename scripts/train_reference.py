@@ -1,7 +1,7 @@
 """Train a converged reference model and ship it with prunelab (issue 15: converged dense models).
 
     python scripts/train_reference.py lenet-300-100 mnist --epochs 40 --lr 0.05
-    python scripts/train_reference.py resnet20 cifar10 --epochs 60 --batch-size 128 --lr 0.1
+    python scripts/train_reference.py resnet20 cifar10 --epochs 60 --lr 0.1 --precision bf16
 
 Training is resumable: a checkpoint under ``--work`` is written after every epoch and a re-run
 of the same command continues from it (so a long ResNet-20 run survives the session that started
@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--label-smoothing", type=float, default=0.0)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16 autocast: about 2x faster on CPUs with AMX")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default="runs/reference", help="checkpoints (resumable)")
     args = parser.parse_args()
@@ -45,7 +47,7 @@ def main() -> None:
                                    input_shape=bundle.input_shape)
     recipe = TrainRecipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, schedule="cosine",
-                         label_smoothing=args.label_smoothing)
+                         label_smoothing=args.label_smoothing, precision=args.precision)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result = train(model, bundle.loader("train", recipe.batch_size, shuffle=True, seed=args.seed),

@@ -46,6 +46,19 @@ def test_training_learns_and_is_deterministic() -> None:
     assert prunelab.evaluate(a, blobs(seed=0))["top1"] > 90
 
 
+def test_bf16_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights() -> None:
+    model, seen = mlp(), []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    bf16 = TrainRecipe(epochs=6, lr=0.05, schedule="cosine", precision="bf16")
+    result = train(model, blobs(), bf16, quiet=True)
+    assert set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 2
+    assert prunelab.evaluate(model, blobs(seed=0))["top1"] > 90
+    # The default leaves the config (and so the keys of stored results) as before the option.
+    assert "precision" not in RECIPE.model_dump() and bf16.model_dump()["precision"] == "bf16"
+
+
 def test_lr_schedules() -> None:
     step = TrainRecipe(lr=1.0, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
     assert [step.lr_factor(s, 100) for s in (0, 49, 50, 75, 99)] == pytest.approx(

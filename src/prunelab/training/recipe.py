@@ -24,7 +24,9 @@ class TrainRecipe(CheckedModel):
     ``milestones`` are fractions of the run at which a ``step`` schedule multiplies the learning
     rate by ``gamma`` (the Rethinking recipe: ÷10 at 50% and 75%). ``on_nonfinite`` says what a
     NaN or infinite loss does: ``stop`` training with an error naming the epoch and step (the
-    default), or ``skip`` that batch (no update, BatchNorm statistics kept).
+    default), or ``skip`` that batch (no update, BatchNorm statistics kept). ``precision="bf16"``
+    runs the forward pass and loss under bfloat16 autocast (weights, gradients and optimiser
+    state stay float32): about 2× faster training on CPUs with AMX or AVX512-BF16 and on GPUs.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +44,7 @@ class TrainRecipe(CheckedModel):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     channels_last: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @field_validator("milestones")
     @classmethod
@@ -52,11 +55,12 @@ class TrainRecipe(CheckedModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """Leave ``on_nonfinite`` out at its default, so config hashes (the keys of stored
-        results) stay what they were before the field existed."""
+        """Leave ``on_nonfinite`` and ``precision`` out at their defaults, so config hashes (the
+        keys of stored results) stay what they were before the fields existed."""
         data = handler(self)
-        if data.get("on_nonfinite") == "stop":
-            del data["on_nonfinite"]
+        for field, default in (("on_nonfinite", "stop"), ("precision", "fp32")):
+            if data.get(field) == default:
+                del data[field]
         return data
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ as :class:`Callback` objects instead of forking the loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -72,6 +73,9 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     seconds: float = 0.0
+
+
+_FP32 = contextlib.nullcontext()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -145,6 +149,8 @@ def train(
 
     started = time.perf_counter()
     start_step = state.step
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                if recipe.precision == "bf16" else _FP32)
     for callback in callbacks:
         callback.on_train_begin(state)
     progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
@@ -167,9 +173,11 @@ def train(
                 norm_stats = _norm_statistics(model) if recipe.on_nonfinite == "skip" else None
                 if state.step == start_step:
                     check_input(model, x)
-                with input_errors(model, x):
+                with input_errors(model, x), autocast:
                     logits = model(x)
-                loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
+                    loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
+                if autocast is not _FP32:  # callbacks and penalties see float32
+                    logits, loss = logits.float(), loss.float()
                 state.loss, state.inputs, state.targets, state.logits = loss, x, y, logits
                 total = loss
                 for callback in callbacks:
