@@ -118,16 +118,16 @@ def test_repeated_channel_pruning_goes_to_the_target_instead_of_compounding(scop
     torch.manual_seed(0)
     model = prunelab.models.create("resnet20").eval()
     once = copy.deepcopy(model)
-    prunelab.prune(model, "l2-channel", 0.3, scope=scope)
+    prunelab.prune(model, "l2-channel", 0.3, scope=scope, round_to=1)
     first = sum(removed_so_far(model).values())
-    prunelab.prune(model, "l2-channel", 0.5, scope=scope)
-    prunelab.prune(once, "l2-channel", 0.5, scope=scope)
+    prunelab.prune(model, "l2-channel", 0.5, scope=scope, round_to=1)
+    prunelab.prune(once, "l2-channel", 0.5, scope=scope, round_to=1)
     # 50% of the original channels, as one call to 0.5 removes; not 0.3 + 0.5 * 0.7 = 65%
     assert sum(removed_so_far(model).values()) == sum(removed_so_far(once).values()) > first
     if scope == "layer":
         assert _widths(model) == _widths(once)
     with pytest.warns(UserWarning, match="already pruned"):
-        prunelab.prune(model, "l2-channel", 0.4, scope=scope)
+        prunelab.prune(model, "l2-channel", 0.4, scope=scope, round_to=1)
     assert sum(removed_so_far(model).values()) == sum(removed_so_far(once).values())
 
 
@@ -155,7 +155,7 @@ def test_thinet_says_what_it_reached_when_it_skips_groups() -> None:
     data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))]
     with pytest.warns(UserWarning, match=r"thinet pruned 9 of \d+ channel groups .*one plain "
                                          r"layer.*removed 30% of their channels, \d+% of all"):
-        prunelab.prune(model, "thinet", 0.3, data=data, samples=200, batches=1)
+        prunelab.prune(model, "thinet", 0.3, data=data, samples=200, batches=1, round_to=1)
 
 
 class Normed(nn.Module):

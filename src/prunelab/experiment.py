@@ -382,6 +382,7 @@ class Experiment:
         if dense is not None:
             if structure_of(model):  # channels removed, no masks: the parameters removed
                 row["achieved_sparsity"] = 1 - size.nonzero_params / dense.row["params"]
+                row["round_to"] = str(structure_of(model)[-1].get("round_to", 1))
             row["compression"] = dense.row["params"] / max(size.nonzero_params, 1)
             row["theoretical_speedup"] = dense.row["flops"] / max(size.effective_flops, 1)
             row["dense_top1"] = dense.row["test_top1"]

@@ -67,6 +67,7 @@ COLUMNS: dict[str, str] = {
     "effective_flops": "INTEGER",
     "effective_macs": "INTEGER",
     "theoretical_speedup": "REAL",
+    "round_to": "TEXT",
     "latency_ms": "REAL",
     "latency_batch_size": "INTEGER",
     "latency_threads": "INTEGER",

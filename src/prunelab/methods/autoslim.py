@@ -35,6 +35,7 @@ class AutoSlimPruning(StructuredMethod):
     """
 
     needs_data: ClassVar[bool] = True
+    round_to: int | None = 1  # the supernet's widths: give a multiple to search on multiples
     min_width: float = 0.25
     supernet_epochs: int = 1
     sandwich: int = 4

@@ -116,6 +116,7 @@ class NeuronMerging(StructuredMethod):
     """
 
     needs_data = True
+    round_to: int | None = 1  # a neuron goes when it is redundant, not to fill a vector
     compensate: bool = True
     calibration_batches: int = 20
     _moments: dict[str, Moments] = field(default_factory=dict, init=False, repr=False)

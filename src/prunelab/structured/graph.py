@@ -386,8 +386,9 @@ def replay_structure(model: nn.Module, history: list[dict]) -> nn.Module:
     """Repeat recorded removals on a freshly built model, giving it the pruned architecture."""
     for step in history:
         apply_plan(model, step["plan"], zeros_input(model, step["input_shape"]))
-        if "reference" in step:  # the original's size, which later targets are relative to
-            getattr(model, STRUCTURE_ATTR)[-1]["reference"] = step["reference"]
+        # The original's size (later targets are relative to it) and the rounding used.
+        getattr(model, STRUCTURE_ATTR)[-1].update(
+            {key: step[key] for key in ("reference", "round_to") if key in step})
     return model
 
 

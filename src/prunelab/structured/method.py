@@ -36,6 +36,7 @@ from prunelab.structured.graph import (
     removed_so_far,
     structure_of,
 )
+from prunelab.structured.rounding import kernel_multiple, layer_multiple, round_plan
 from prunelab.targets import check_target, solve_ratio
 
 Plan = dict[str, list[int]]
@@ -49,9 +50,10 @@ class StructuredMethod(Method):
     granularity: ClassVar[str] = "channel"
     #: Raw scores can be ranked across layers (BN scales) or are normalised per group first.
     comparable_across_layers: ClassVar[bool] = False
-    #: Keep a multiple of this many channels per layer (8 or 16 suit SIMD kernels best; a layer
-    #: with no more channels than this keeps them all).
-    round_to: int = 1
+    #: Keep a multiple of this many channels per layer (a layer with no more channels than this
+    #: keeps them all); ``None``: the multiple the machine's kernels want (16 with AVX-512, 8
+    #: with AVX2 or on a GPU), never more than a quarter of a layer; 1 keeps exact counts.
+    round_to: int | None = None
     #: Why :meth:`accepts` leaves a group alone (said when it does).
     rejects: ClassVar[str] = ""
 
@@ -95,10 +97,12 @@ class StructuredMethod(Method):
         check_target(target, sparsity)
         if target == "sparsity":
             check_sparsity(sparsity, "channel ratio")
-        if self.round_to < 1:
+        if self.round_to is not None and (isinstance(self.round_to, bool)
+                                          or not isinstance(self.round_to, int)
+                                          or self.round_to < 1):
             raise InvalidValueError(
-                f"round_to is a channel multiple >= 1 (1: no rounding; 8 or 16 suit CPU "
-                f"kernels), got {self.round_to}")
+                f"round_to is a channel multiple >= 1 (1: exact counts; leave it unset for the "
+                f"multiple this machine's kernels want), got {self.round_to!r}")
         if scope not in ("global", "layer"):
             raise InvalidValueError(f"scope of a channel method must be global or layer, got "
                                     f"{scope!r}")
@@ -125,14 +129,16 @@ class StructuredMethod(Method):
         done = removed_so_far(model)
 
         blocks = [head_block(model, g) for g in groups]
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        machine = kernel_multiple(device)
+        multiples = [layer_multiple(g.size + done.get(g.root, 0), machine)
+                     if self.round_to is None else self.round_to for g in groups]
 
         def plan_for(ratio: float) -> Plan:
             plan = _plan(groups, scores, ratio, scope, selection.layer_sparsity,
                          self.comparable_across_layers, self.channel_count, done, blocks)
             whole = [b > 1 for b in blocks]  # heads are already whole multiples
-            rounded = _rounded(plan, [g for g, w in zip(groups, whole, strict=True) if not w],
-                               [s for s, w in zip(scores, whole, strict=True) if not w],
-                               self.round_to)
+            rounded = round_plan(plan, *_unless(whole, groups, scores, multiples))
             rounded |= {g.root: plan[g.root] for g, w in zip(groups, whole, strict=True)
                         if w and g.root in plan}
             return _symmetric(rounded, groups, scores)
@@ -153,11 +159,13 @@ class StructuredMethod(Method):
                     sparsity, target,
                 )
             except InvalidValueError as exc:
-                if self.round_to <= 1:
+                if max(multiples) <= 1:
                     raise
+                said = (f"round_to={self.round_to}" if self.round_to is not None else
+                        f"the automatic round_to (multiples of up to {machine})")
                 raise InvalidValueError(
-                    f"{exc}; round_to={self.round_to} keeps layers of at most {self.round_to} "
-                    "channels whole, a smaller round_to reaches further") from None
+                    f"{exc}; {said} keeps channel counts on multiples and small layers whole, "
+                    "round_to=1 reaches further") from None
         plan = plan_for(ratio)
         self._report(groups, plan, done)
         if not any(plan.values()) and done:
@@ -174,6 +182,9 @@ class StructuredMethod(Method):
             raise
         if not history and structure_of(model):
             structure_of(model)[0]["reference"] = reference
+        if len(structure_of(model)) > len(history):  # this call removed channels
+            structure_of(model)[-1]["round_to"] = (self.round_to if self.round_to is not None
+                                                    else f"auto({machine})")
         return model
 
     def _report(self, groups: list[ChannelGroup], plan: Plan, done: dict[str, int]) -> None:
@@ -282,40 +293,9 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
     return plan
 
 
-def _rounded(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor],
-             multiple: int) -> Plan:
-    """Adjust the plan so that every group keeps a multiple of ``multiple`` channels.
-
-    A group no larger than ``multiple`` keeps all its channels (it has no smaller multiple).
-    Rounding each group on its own would move every same-sized layer the same way and overshoot
-    a target by a whole step (a 16-channel stage going to 8 at once); here each kept count is
-    rounded down and the channels this frees are handed back, one multiple at a time, to the
-    groups rounded down the most (largest remainder), so the total stays near the plan's.
-    """
-    if multiple <= 1:
-        return plan
-    wanted: dict[int, int] = {}
-    kept: dict[int, int] = {}
-    for i, group in enumerate(groups):
-        removed = len(plan.get(group.root, []))
-        if removed and group.size > multiple:
-            wanted[i] = group.size - removed
-            kept[i] = max(wanted[i] // multiple * multiple, multiple)
-    spare = sum(wanted.values()) - sum(kept.values())
-    by_remainder = sorted(wanted, key=lambda i: kept[i] - wanted[i])  # stable: layer order
-    for i in by_remainder:
-        if spare < multiple / 2:
-            break
-        if kept[i] + multiple <= groups[i].size:
-            kept[i] += multiple
-            spare -= multiple
-    out: Plan = {}
-    for i, (group, score) in enumerate(zip(groups, scores, strict=True)):
-        if i in kept:
-            out[group.root] = score.argsort(stable=True)[: group.size - kept[i]].tolist()
-        elif group.size > multiple:
-            out[group.root] = plan.get(group.root, [])
-    return out
+def _unless(skip: list[bool], *columns: list) -> list[list]:
+    """Each of ``columns`` without the entries where ``skip`` is true."""
+    return [[v for v, s in zip(column, skip, strict=True) if not s] for column in columns]
 
 
 def _symmetric(plan: Plan, groups: list[ChannelGroup], scores: list[torch.Tensor]) -> Plan:
