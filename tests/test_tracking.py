@@ -304,3 +304,41 @@ def test_track_config_defaults(tmp_path, monkeypatch) -> None:
         "http://tracking.example:5000")
     assert TrackConfig(backend="mlflow", uri="sqlite:///a.db", experiment="e").resolved(
         tmp_path, "run").experiment == "e"
+
+
+class Recorder:
+    """A tracker of this test: any object with the four methods is one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, config, provenance) -> None:
+        self.calls.append(("start", dict(config)))
+
+    def log_epoch(self, phase, metrics, step) -> None:
+        self.calls.append(("epoch", phase, step, metrics["epoch"]))
+
+    def log_final(self, metrics) -> None:
+        self.calls.append(("final", dict(metrics)))
+
+    def end(self, status="FINISHED", error=None) -> None:
+        self.calls.append(("end", status))
+
+
+def test_phases_get_metric_safe_names_and_steps_that_go_on() -> None:
+    from prunelab.training import TrainState
+
+    recorder = Recorder()
+    run = tracking.Tracking(recorder)
+    run.prefix = "sparsity-0.9"
+    for _ in range(2):  # the phase trains twice (iterative rounds) for 2 epochs each
+        (callback,) = run.callbacks("sparse-train (rigl)")
+        for epoch in (1, 2):
+            state = TrainState(None, None, None, 1, 1, epoch=epoch)
+            callback.on_epoch_end(state, {"epoch": epoch, "train_loss": 0.5})
+    run.log_final({"test_top1": 91.0, "seed": 3, "label": "x"}, "sparsity-0.9")
+    assert recorder.calls == [
+        ("epoch", "sparsity-0.9/sparse-train-rigl", step, epoch)
+        for step, epoch in ((1, 1), (2, 2), (3, 1), (4, 2))
+    ] + [("final", {"final/sparsity-0.9/test_top1": 91.0, "final/sparsity-0.9/label": "x"})]
+    assert tracking.Tracking().callbacks("dense") == []  # off: nothing added to the loop

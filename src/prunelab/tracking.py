@@ -273,6 +273,9 @@ class Tracking:
         self._steps: Counter[str] = Counter()
 
     def _name(self, name: str) -> str:
+        """``name`` behind the prefix, in characters every backend takes in a metric name
+        (``sparse-train (rigl)`` -> ``sparse-train-rigl``)."""
+        name = re.sub(r"[^\w./-]+", "-", name).strip("-")
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def callbacks(self, phase: str) -> list[Callback]:
