@@ -130,6 +130,9 @@ def test_tensorboard_logs_every_epoch_the_config_and_the_results(tmp_path, histo
 
     start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
     logged_hparams = start.session_start_info.hparams
+    experiment = HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    shown = {m.name.tag for m in experiment.metric_infos}
+    assert {"final/dense/test_top1", "final/sparsity-0.5/test_top1"} <= shown
     assert logged_hparams["method"].string_value == "magnitude"
     assert logged_hparams["train.epochs"].number_value == 2
     assert set(flatten(config.model_dump(mode="json"))) == set(logged_hparams)
@@ -284,9 +287,8 @@ def test_a_tracked_sweep_writes_one_event_folder_per_trial(tmp_path) -> None:
 
 @pytest.mark.skipif(not (HAS_MLFLOW and HAS_TENSORBOARD), reason="needs prunelab[track]")
 def test_the_tracking_page_examples_run(tmp_path, monkeypatch) -> None:
-    from tests.test_docs import python_blocks
-
-    code = python_blocks(ROOT / "docs" / "tracking.md")
+    page = (ROOT / "docs" / "tracking.md").read_text()
+    code = "\n".join(re.findall(r"^```python\n(.*?)^```", page, re.S | re.M))
     assert code.strip()
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "docs/tracking.md", "exec"), {"__name__": "__docs__"})
@@ -342,3 +344,19 @@ def test_phases_get_metric_safe_names_and_steps_that_go_on() -> None:
         for step, epoch in ((1, 1), (2, 2), (3, 1), (4, 2))
     ] + [("final", {"final/sparsity-0.9/test_top1": 91.0, "final/sparsity-0.9/label": "x"})]
     assert tracking.Tracking().callbacks("dense") == []  # off: nothing added to the loop
+
+
+def test_a_run_that_fails_is_tracked_as_failed(tmp_path, monkeypatch) -> None:
+    recorder = Recorder()
+    monkeypatch.setattr(tracking, "open_tracker", lambda track, name: recorder)
+
+    def broken(*args, **kwargs):
+        raise PrunelabError("pruning went wrong")
+
+    monkeypatch.setattr(experiment_module.Experiment, "prune_and_recover", broken)
+    with pytest.raises(PrunelabError, match="pruning went wrong"):
+        run_job(tiny(tmp_path, train={"epochs": 1, "batch_size": 64}, track="tensorboard"),
+                quiet=True)
+    kinds = [call[0] for call in recorder.calls]
+    assert kinds == ["start", "epoch", "final", "end"]  # dense trained and measured, then failed
+    assert recorder.calls[-1] == ("end", "FAILED")

@@ -147,6 +147,7 @@ class TensorBoardTracker:
 
         self.writer = SummaryWriter(log_dir=str(Path(track.uri or "runs/tensorboard") / name))
         self.hparams: dict[str, Any] = {}
+        self.final: list[str] = []
 
     def start(self, config: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
         self.hparams = flatten(config)
@@ -159,16 +160,16 @@ class TensorBoardTracker:
             self.writer.add_scalar(f"{phase}/{key}", value, step)
 
     def log_final(self, metrics: Mapping[str, Any]) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
-        values = numeric(metrics)
-        for key, value in values.items():
+        for key, value in numeric(metrics).items():
             self.writer.add_scalar(key, value, 0)
-        # The HParams dashboard: this run's config beside its final metrics (the scalars above).
-        for summary in hparams(self.hparams, dict.fromkeys(values, 0.0)):
-            self.writer.file_writer.add_summary(summary)
+            self.final.append(key)
 
     def end(self, status: str = "FINISHED", error: str | None = None) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
+        # The HParams dashboard: the run's config beside its final metrics (scalars logged).
+        for summary in hparams(self.hparams, dict.fromkeys(self.final, 0.0)):
+            self.writer.file_writer.add_summary(summary)
         self.writer.add_text("status", status + (f": {error}" if error else ""))
         self.writer.close()
 
