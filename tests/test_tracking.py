@@ -349,6 +349,7 @@ def test_phases_get_metric_safe_names_and_steps_that_go_on() -> None:
 def test_a_run_that_fails_is_tracked_as_failed(tmp_path, monkeypatch) -> None:
     recorder = Recorder()
     monkeypatch.setattr(tracking, "open_tracker", lambda track, name: recorder)
+    monkeypatch.setattr(tracking, "_installed", lambda module: True)  # the recorder needs none
 
     def broken(*args, **kwargs):
         raise PrunelabError("pruning went wrong")
