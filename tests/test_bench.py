@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ from prunelab.bench import ResultStore, SweepSpec, run_sweep
 from prunelab.bench.stats import summarize
 from prunelab.config import load_config, validate
 from prunelab.errors import ConfigError, PrunelabError, UnknownNameError
+from prunelab.tracking import TrackConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "examples" / "digits-smoke.yaml"
@@ -408,11 +410,19 @@ def test_ray_executor_gives_the_local_results(tmp_path, ray_cluster) -> None:
     spec = validate(SweepSpec, tiny_spec(methods=["magnitude", "random"],
                                          targets={"sparsity": [0.5, 0.9]}) | {"threads": 1})
     local = run_sweep(spec, tmp_path / "local", jobs=2, quiet=True)
-    remote = run_sweep(spec, tmp_path / "ray", jobs=2, executor="ray", address=ray_cluster,
-                       quiet=True)
+    # Tracked on Ray (when TensorBoard is installed): each worker logs the tasks it runs, and
+    # tracking changes no result key.
+    tracked = importlib.util.find_spec("tensorboard") is not None
+    remote_spec = spec.model_copy(update={"track": TrackConfig(backend="tensorboard")}
+                                  if tracked else {})
+    remote = run_sweep(remote_spec, tmp_path / "ray", jobs=2, executor="ray",
+                       address=ray_cluster, quiet=True)
     assert (local.ok, remote.ok, remote.failed) == (4, 4, 0)
     numbers = lambda out: sorted((r["run_key"], r["test_top1"]) for r in ok_rows(out))  # noqa
     assert numbers(tmp_path / "local") == numbers(tmp_path / "ray")
+    if tracked:  # the dense model and 4 runs, each with its event file
+        logged = sorted((tmp_path / "ray" / "tensorboard").iterdir())
+        assert len(logged) == 5 and all(list(d.glob("events.out.tfevents.*")) for d in logged)
 
 
 def test_ray_executor_replaces_a_worker_that_died(tmp_path, ray_cluster) -> None:

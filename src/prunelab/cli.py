@@ -64,6 +64,10 @@ def run(
         str | None, typer.Option(help="dataset root (default: $PRUNELAB_DATA)")
     ] = None,
     out: Annotated[str | None, typer.Option(help="folder for run results")] = None,
+    track: Annotated[str | None, typer.Option(
+        help="log the run to tensorboard or mlflow (pip install 'prunelab[track]')")] = None,
+    track_uri: Annotated[str | None, typer.Option(
+        help="TensorBoard log folder or MLflow tracking URI (default: inside --out)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Train, prune at several sparsities, recover, and print a table (defaults: digits demo)."""
@@ -86,6 +90,7 @@ def run(
         value = _strategy(data.get(key), kind, **options)
         if value:
             data[key] = value
+    _track(data, track, track_uri)
     source = str(config) if config else "the command-line options"
     cfg = validate(RunConfig, data, source)
     for stage, value in (("train", epochs), ("finetune", finetune_epochs)):
@@ -100,6 +105,20 @@ def run(
     result = run_job(cfg, quiet=quiet)
     console.print(results_table(result.rows))
     console.print(f"results: {result.folder}/results.json and results.csv")
+
+
+def _track(data: dict[str, Any], backend: str | None, uri: str | None) -> None:
+    """``--track`` and ``--track-uri`` over the config's ``track`` (a new backend drops the
+    destination of the old one)."""
+    if backend is None and uri is None:
+        return
+    current = data.get("track")
+    current = {"backend": current} if isinstance(current, str) else dict(current or {})
+    if backend is not None and backend != current.get("backend"):
+        current = {"backend": backend}
+    if uri is not None:
+        current["uri"] = uri
+    data["track"] = current
 
 
 def _strategy(given: Any, kind: str | None, **options: Any) -> Any:
@@ -294,13 +313,19 @@ def sweep(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: start Ray here)")
     ] = None,
+    track: Annotated[str | None, typer.Option(
+        help="log each run to tensorboard or mlflow (pip install 'prunelab[track]')")] = None,
+    track_uri: Annotated[str | None, typer.Option(
+        help="TensorBoard log folder or MLflow tracking URI (default: inside --out)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
 ) -> None:
     """Run a benchmark grid into OUT; re-running finishes only what is missing."""
     from prunelab.bench import SweepSpec, run_sweep
-    from prunelab.config import load_config
+    from prunelab.config import load_yaml_mapping, validate
 
-    summary = run_sweep(load_config(SweepSpec, spec), out, jobs=jobs, executor=executor,
+    data = load_yaml_mapping(spec)
+    _track(data, track, track_uri)
+    summary = run_sweep(validate(SweepSpec, data, str(spec)), out, jobs=jobs, executor=executor,
                         address=address, quiet=quiet, console=err_console)
     elsewhere = (f", {summary.elsewhere} left to another sweep on this folder"
                  if summary.elsewhere else "")

@@ -36,6 +36,7 @@ from prunelab.schedules import SCHEDULES, Pruner, Schedule
 from prunelab.sparsity import check_sparsity, collapsed_layers, mask_sparsity
 from prunelab.strategies import strategy_field
 from prunelab.structured.graph import structure_of
+from prunelab.tracking import TrackConfig, Tracking
 from prunelab.training import PRESETS, Callback, TrainRecipe, TrainState, train
 from prunelab.utils import seed_everything
 
@@ -93,6 +94,8 @@ class ExperimentConfig(CheckedModel):
     finetune: TrainRecipe = Field(default_factory=TrainRecipe)
     keep_best: bool = True
     latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    track: TrackConfig | None = Field(
+        None, description="log runs to tensorboard or mlflow (not part of the results' keys)")
 
     @model_validator(mode="before")
     @classmethod
@@ -125,13 +128,16 @@ class ExperimentConfig(CheckedModel):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
-        """Leave ``dense`` at its default and empty ``dataset_options`` out, so config hashes
-        (the keys of stored results) stay what they were before those fields existed."""
+        """Leave ``dense`` at its default, empty ``dataset_options`` and no ``track`` out, so
+        config hashes (the keys of stored results) stay what they were before those fields
+        existed."""
         data = handler(self)
         if data.get("dense") == "train":
             del data["dense"]
         if not data.get("dataset_options"):
             data.pop("dataset_options", None)
+        if data.get("track", 0) is None:
+            del data["track"]
         return data
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
@@ -140,6 +146,8 @@ class ExperimentConfig(CheckedModel):
         method options, and method/schedule/recovery combinations that cannot work."""
         datasets.check_name(self.dataset)
         models.check_name(self.model)
+        if self.track is not None:
+            self.track.check()
         if self.dense == "pretrained":
             from prunelab.models.pretrained import entry
 
@@ -242,6 +250,8 @@ class Experiment:
     ):
         self.config, self.quiet = config, quiet
         self.on_phase = on_phase or (lambda text: None)
+        #: Where the epochs of each training phase are logged (nowhere unless tracking is on).
+        self.tracking = Tracking()
         self._loaders: dict[tuple, Any] = {}
 
     @cached_property
@@ -280,10 +290,11 @@ class Experiment:
         epoch must not undo (gradual pruning: an earlier epoch has fewer weights pruned).
         """
         val = self.val
+        logged = self.tracking.callbacks(label)
         train(
             model, self.loader("train", recipe.batch_size, seed, shuffle=True), recipe,
             val_data=val, keep_best=keep_best and self.config.keep_best and val is not None,
-            callbacks=[*callbacks, _Phase(self.on_phase, label)], start_epoch=start_epoch,
+            callbacks=[*callbacks, _Phase(self.on_phase, label), *logged], start_epoch=start_epoch,
             quiet=self.quiet, description=label,
         )
 

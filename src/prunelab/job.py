@@ -23,6 +23,7 @@ from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
 from prunelab.provenance import config_hash, environment
 from prunelab.recoveries import Recovery
 from prunelab.sparsity import check_sparsity
+from prunelab.tracking import tracked
 
 
 class RunConfig(ExperimentConfig):
@@ -71,7 +72,8 @@ def run_job(
     """Run the job described by ``config``; write ``results.json`` and ``results.csv``.
 
     The results folder appears only when everything succeeded (written to a hidden temp folder
-    and renamed), so a crash never leaves half a result behind.
+    and renamed), so a crash never leaves half a result behind. With ``config.track`` the job is
+    one tracked run: phases ``dense`` and ``sparsity-<s>/<phase>``, results ``final/<row>/...``.
     """
     config.check_plan()
     if write:
@@ -79,23 +81,32 @@ def run_job(
     started = time.perf_counter()
     experiment = Experiment(config, quiet=quiet)
     choice = config.choice
-    dense = experiment.train_dense(config.seed, config.recovery.snapshot_epochs(), choice)
-    rows = [dense.row | {"target_sparsity": 0.0}]
-    if on_row:
-        on_row(rows[0])
-    for sparsity in config.sparsities:
-        t0 = time.perf_counter()
-        pruned, _ = experiment.prune_and_recover(dense, choice, "sparsity", sparsity,
-                                                 config.seed)
-        row = experiment.row(pruned, config.seed, time.perf_counter() - t0, dense)
-        row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
-                   recovery=config.recovery.label(), target_sparsity=sparsity)
-        rows.append(row)
+    digest = run_hash(config)
+    track = config.track.resolved(config.out, config.name) if config.track else None
+    with tracked(track, f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{digest}",
+                 config.model_dump(mode="json"), environment() | {"config_hash": digest}
+                 ) as tracking:
+        experiment.tracking = tracking
+        dense = experiment.train_dense(config.seed, config.recovery.snapshot_epochs(), choice)
+        rows = [dense.row | {"target_sparsity": 0.0}]
+        tracking.log_final(rows[0], "dense")
         if on_row:
-            on_row(row)
-    env = environment()
-    env["wall_seconds"] = time.perf_counter() - started
-    folder = _write_results(config, rows, env) if write else None
+            on_row(rows[0])
+        for sparsity in config.sparsities:
+            t0 = time.perf_counter()
+            tracking.prefix = f"sparsity-{sparsity:g}"
+            pruned, _ = experiment.prune_and_recover(dense, choice, "sparsity", sparsity,
+                                                     config.seed)
+            row = experiment.row(pruned, config.seed, time.perf_counter() - t0, dense)
+            row.update(method=config.method, scope=config.scope, schedule=config.schedule.kind,
+                       recovery=config.recovery.label(), target_sparsity=sparsity)
+            rows.append(row)
+            tracking.log_final(row, tracking.prefix)
+            if on_row:
+                on_row(row)
+        env = environment()
+        env["wall_seconds"] = time.perf_counter() - started
+        folder = _write_results(config, rows, env) if write else None
     return RunResult(rows=rows, folder=folder, environment=env)
 
 
@@ -117,7 +128,7 @@ def _check_out(out: Path) -> None:
 
 def run_hash(config: RunConfig) -> str:
     """The hash naming a run's results: its settings, not where its data or results live."""
-    return config_hash(config.model_dump(mode="json", exclude={"out", "data_dir"}))
+    return config_hash(config.model_dump(mode="json", exclude={"out", "data_dir", "track"}))
 
 
 def _write_results(config: RunConfig, rows: list[dict], env: dict) -> Path:

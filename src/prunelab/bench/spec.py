@@ -171,8 +171,10 @@ class SweepSpec(ExperimentConfig):
         ]
 
     def experiment_fields(self) -> dict[str, Any]:
-        """What determines results (not the name, data location, grid or thread count)."""
-        return self.model_dump(mode="json", exclude={"name", "data_dir", "grid", "threads"})
+        """What determines results (not the name, data location, grid, thread count or
+        tracking)."""
+        return self.model_dump(mode="json",
+                               exclude={"name", "data_dir", "grid", "threads", "track"})
 
     def run_key(self, run: RunSpec) -> str:
         return config_hash({"experiment": self.experiment_fields(),

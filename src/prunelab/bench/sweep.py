@@ -25,6 +25,7 @@ from prunelab.bench.spec import RunSpec, SweepSpec
 from prunelab.bench.store import Claimant, Heartbeat, ResultStore
 from prunelab.config import load_config
 from prunelab.errors import ConfigError, DiskFullError, InvalidValueError
+from prunelab.tracking import prepare_tracking
 from prunelab.utils import progress_enabled
 
 STORE = "results.sqlite"
@@ -87,7 +88,8 @@ def run_sweep(
     Several sweeps started on one folder split the runs between them (each run is claimed in the
     store before it starts). The runs of a dense model that failed are not attempted (they would
     retrain it and fail again); a full disk stops the sweep at once with
-    :class:`DiskFullError`.
+    :class:`DiskFullError`. With ``spec.track`` every task (a dense model or a run) is one
+    tracked run, logged by the worker that runs it.
     """
     if jobs < 1:
         raise InvalidValueError(f"--jobs must be at least 1, got {jobs}")
@@ -101,6 +103,9 @@ def run_sweep(
     started = time.perf_counter()
     with ResultStore(out / STORE) as store:
         _write_spec(spec, out, store)
+        if spec.track is not None:  # one destination for every worker, made ready once here
+            spec = spec.model_copy(update={"track": spec.track.resolved(out, spec.name)})
+            prepare_tracking(spec.track)
         dense, tasks, skipped = plan(spec, store, out, threads)
         if not quiet:
             console.print(f"sweep {spec.name!r}: {skipped + len(tasks)} runs, {skipped} already "

@@ -12,7 +12,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoin
 from prunelab.errors import PrunelabError, is_disk_full
 from prunelab.experiment import DenseModel, Experiment, MethodChoice
 from prunelab.provenance import config_hash, environment
+from prunelab.tracking import Tracker, Tracking, open_tracker
 
 _experiments: dict[str, Experiment] = {}  # per worker process: data stays loaded between runs
 
@@ -49,12 +50,13 @@ def set_progress(report: Callable[[str, str], None], every: float = 0.5) -> None
     _report = throttled
 
 
-def _experiment(spec: SweepSpec, key: str) -> Experiment:
+def _experiment(spec: SweepSpec, key: str, tracking: Tracking) -> Experiment:
     digest = config_hash(spec.experiment_fields() | {"data_dir": spec.data_dir})
     if digest not in _experiments:
         _experiments[digest] = Experiment(spec)
     experiment = _experiments[digest]
     experiment.on_phase = lambda text: _report(key, text)
+    experiment.tracking = tracking
     return experiment
 
 
@@ -70,12 +72,13 @@ def _locked(path: Path):
 
 
 def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str,
-                        choice: MethodChoice | None = None) -> tuple[DenseModel, bool]:
+                        choice: MethodChoice | None = None,
+                        tracking: Tracking | None = None) -> tuple[DenseModel, bool]:
     """The cached dense model of ``seed`` (trained and cached first if missing); ``choice``
     selects a method's own dense training (e.g. Network Slimming's), if it has one."""
     path = out / "dense" / f"{spec.dense_key(seed, choice)}.pt"
     needed = spec.snapshot_epochs()
-    experiment = _experiment(spec, key)
+    experiment = _experiment(spec, key, tracking or Tracking())
     with _locked(path.with_suffix(".lock")):
         if path.is_file():
             payload = read_checkpoint(path)
@@ -103,16 +106,22 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
     threads = task.get("threads")
     if threads:
         torch.set_num_threads(threads)
+    tracker = None
     try:
+        tracker = _start_tracking(spec, task)
+        tracking = Tracking(tracker)
         if task["kind"] == "dense":
             choice = MethodChoice.model_validate(task["choice"]) if task.get("choice") else None
             dense, _ = load_or_train_dense(Path(task["out"]), spec, task["seed"], task["key"],
-                                           choice)
-            row = dense.row | {"config_json": spec.experiment_fields() | {
-                "seed": task["seed"], "training_variant": task.get("choice")}}
+                                           choice, tracking)
+            row = dense.row | {"config_json": _dense_config(spec, task)}
         else:
-            row = _run(Path(task["out"]), spec, RunSpec.model_validate(task["run"]), task["key"])
+            row = _run(Path(task["out"]), spec, RunSpec.model_validate(task["run"]), task["key"],
+                       tracking)
         row["status"] = "ok"
+        tracking.log_final(row)
+        if tracker is not None:
+            tracker.end()
     except Exception as exc:  # recorded, and the sweep goes on
         row = {"status": "failed", "error": _describe(exc),
                "message": str(exc) or type(exc).__name__,
@@ -120,7 +129,36 @@ def execute(task: dict[str, Any]) -> dict[str, Any]:
         if task["kind"] == "run":
             row |= _run_fields(spec, RunSpec.model_validate(task["run"]))
         row.setdefault("seconds", time.perf_counter() - started)
+        if tracker is not None:
+            with suppress(Exception):  # the failure is what is recorded, not the tracker's
+                tracker.end("FAILED", row["error"])
     return _with_provenance(task, spec, row)
+
+
+def _dense_config(spec: SweepSpec, task: dict[str, Any]) -> dict[str, Any]:
+    return spec.experiment_fields() | {"seed": task["seed"],
+                                       "training_variant": task.get("choice")}
+
+
+def trial_name(task: dict[str, Any]) -> str:
+    """A tracked trial's name: what it runs and the start of its key."""
+    if task["kind"] == "dense":
+        variant = f"-{task['choice']['method']}" if task.get("choice") else ""
+        return f"dense{variant}_seed{task['seed']}_{task['key'].removeprefix('dense-')[:8]}"
+    run = RunSpec.model_validate(task["run"])
+    return (f"{run.choice.name}_{run.recovery.label()}_{run.target_kind}-{run.target_value:g}"
+            f"_seed{run.seed}_{task['key'][:8]}")
+
+
+def _start_tracking(spec: SweepSpec, task: dict[str, Any]) -> Tracker | None:
+    """The trial's tracked run (each worker logs its own trials), if the spec tracks."""
+    if spec.track is None:
+        return None
+    tracker = open_tracker(spec.track, trial_name(task))
+    config = (_dense_config(spec, task) if task["kind"] == "dense" else
+              _run_fields(spec, RunSpec.model_validate(task["run"]))["config_json"])
+    tracker.start(config, environment() | {"run_key": task["key"], "sweep": spec.name})
+    return tracker
 
 
 def not_run(task: dict[str, Any], dense_row: dict[str, Any]) -> dict[str, Any]:
@@ -152,10 +190,11 @@ def _run_fields(spec: SweepSpec, run: RunSpec) -> dict[str, Any]:
     }
 
 
-def _run(out: Path, spec: SweepSpec, run: RunSpec, key: str) -> dict[str, Any]:
+def _run(out: Path, spec: SweepSpec, run: RunSpec, key: str,
+         tracking: Tracking) -> dict[str, Any]:
     started = time.perf_counter()
-    dense, _ = load_or_train_dense(out, spec, run.seed, key, spec.variant_of(run))
-    experiment = _experiment(spec, key)
+    dense, _ = load_or_train_dense(out, spec, run.seed, key, spec.variant_of(run), tracking)
+    experiment = _experiment(spec, key, tracking)
     _report(key, "pruning")
     model, sparsity = experiment.prune_and_recover(dense, run.choice, run.target_kind,
                                                    run.target_value, run.seed, run.recovery)
