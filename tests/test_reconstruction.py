@@ -222,3 +222,62 @@ def test_weights_pruned_before_stay_pruned_beyond_the_target() -> None:
     for nm in (None, (2, 4)):
         keep, new = obs_solve(w, gram(correlated_inputs(64, 8)), 0.5, nm=nm, pruned=pruned)
         assert not keep[pruned].any() and (new[pruned] == 0).all()
+
+
+class CrossAttention(nn.Module):
+    """One MultiheadAttention (query from ``x``, keys and values from a context) and a head."""
+
+    def __init__(self, e: int = 8, heads: int = 2):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(e, heads, batch_first=True)
+        self.head = nn.Linear(e, 3)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        x, context = batch[:, :4], batch[:, 4:]
+        out, _ = self.attention(x, context, context, need_weights=False)
+        return self.head(out)
+
+
+def heads_output(attention: nn.MultiheadAttention, q: torch.Tensor,
+                 kv: torch.Tensor) -> torch.Tensor:
+    """The heads' concatenated outputs (out_proj's input), from the attention weights torch
+    returns per head and the value projection: softmax(QKᵀ/√d) V, head by head."""
+    e, heads = attention.embed_dim, attention.num_heads
+    _, weights = attention(q, kv, kv, need_weights=True, average_attn_weights=False)
+    v = kv @ attention.in_proj_weight[2 * e:].T + attention.in_proj_bias[2 * e:]
+    v = v.view(*v.shape[:2], heads, e // heads).transpose(1, 2)  # batch, heads, keys, d
+    return (weights @ v).transpose(1, 2).reshape(*q.shape[:2], e)
+
+
+def test_sparsegpt_prunes_attention_projections_each_on_the_input_its_rows_multiply() -> None:
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    dense = copy.deepcopy(model)
+    batch = torch.randn(64, 10, 8) + 0.5
+    data = [(batch, torch.zeros(64, dtype=torch.long))]
+    solved = prunelab.prune(copy.deepcopy(dense), "sparsegpt", 0.5, data=data,
+                            exclude=["head"])
+    attention, reference = solved.attention, dense.attention
+    for weight in (attention.in_proj_weight, attention.out_proj.weight):
+        assert (weight == 0).float().mean() == 0.5
+    # Each part of the fused in_proj is solved on its own input: queries on x, keys and values
+    # on the context (cross-attention: different tensors).
+    x, context = batch[:, :4].reshape(-1, 8), batch[:, 4:].reshape(-1, 8)
+    w, e = reference.in_proj_weight.detach(), 8
+    for part, inputs in ((slice(0, e), x), (slice(e, 2 * e), context),
+                         (slice(2 * e, 3 * e), context)):
+        _, expected = obs_solve(w[part], gram(inputs), 0.5)
+        torch.testing.assert_close(attention.in_proj_weight[part].detach(), expected,
+                                   atol=1e-5, rtol=1e-4)
+    # out_proj (whose forward torch never calls) is solved on the heads' outputs of the
+    # already-pruned projections, computed here independently from the attention weights.
+    with torch.no_grad():
+        values = heads_output(attention, batch[:, :4], batch[:, 4:]).reshape(-1, e)
+    _, expected = obs_solve(reference.out_proj.weight.detach(), gram(values), 0.5)
+    torch.testing.assert_close(attention.out_proj.weight.detach(), expected, atol=1e-4,
+                               rtol=1e-3)
+    magnitude = prunelab.prune(copy.deepcopy(dense), "magnitude", 0.5, scope="layer",
+                               exclude=["head"])
+    with torch.no_grad():
+        error = (solved(batch) - dense(batch)).norm()
+        assert error < (magnitude(batch) - dense(batch)).norm()

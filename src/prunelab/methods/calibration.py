@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from prunelab.errors import InvalidValueError
+from prunelab.methods.layer_inputs import projection_source
 from prunelab.sparsity import PrunableWeight
 
 #: ``(args, kwargs)`` of the module's forward -> (sum of squares per input feature, rows seen).
@@ -91,24 +92,22 @@ def _embedding(module: nn.Embedding) -> InputObserver:
 
 
 def _attention(module: nn.MultiheadAttention, param: str) -> InputObserver:
-    inputs = {"in_proj_weight": ("query", "key", "value"), "q_proj_weight": ("query",),
-              "k_proj_weight": ("key",), "v_proj_weight": ("value",)}[param]
-    positions = {"query": 0, "key": 1, "value": 2}
+    segments = projection_source(module, param).segments  # type: ignore[union-attr]
     weight = getattr(module, param)
     width = weight.shape[1]
 
     def collect(args: tuple, kwargs: dict):
         sums, rows = [], []
-        for name in inputs:
-            s, n = _features(_argument(args, kwargs, positions[name], name), width)
+        for segment in segments:
+            s, n = _features(segment.extract(args, kwargs), width)
             sums.append(s)
             rows.append(torch.full_like(s, n))
         return torch.cat(sums), torch.cat(rows)
 
     def spread(rms: torch.Tensor) -> torch.Tensor:
-        blocks = rms.view(len(inputs), 1, width)  # each block of rows reads its own input
-        rows_per_block = weight.shape[0] // len(inputs)
-        return blocks.expand(len(inputs), rows_per_block, width).reshape(weight.shape)
+        blocks = rms.view(len(segments), 1, width)  # each block of rows reads its own input
+        rows_per_block = weight.shape[0] // len(segments)
+        return blocks.expand(len(segments), rows_per_block, width).reshape(weight.shape)
 
     return InputObserver(collect, spread)
 

@@ -2,7 +2,9 @@
 
 Each selected layer is seen as a matrix problem: a weight matrix W of shape (outputs, inputs)
 applied to input columns X. A Linear is already one (its inputs flattened over any leading
-dimensions); a 2-D convolution becomes one by unfolding its input patches (``F.unfold``), with
+dimensions); an attention projection is one per query/key/value part of its rows
+(:mod:`prunelab.methods.layer_inputs`); a 2-D convolution becomes one by unfolding its input
+patches (``F.unfold``), with
 the columns ordered *kernel position major, input channel minor*, so that M consecutive columns
 are M input channels at one kernel position, the N:M grouping of :mod:`prunelab.sparsity.nm`.
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import InvalidValueError
+from prunelab.methods.layer_inputs import PROJECTIONS, InputSource, input_source
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
 
@@ -41,6 +44,8 @@ def unsupported(weight: PrunableWeight) -> str | None:
     module = weight.module
     if weight.shared:
         return "shared by several modules with different inputs"
+    if isinstance(module, nn.MultiheadAttention) and weight.param in PROJECTIONS:
+        return None
     if weight.param != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
         return f"{type(module).__name__}.{weight.param}"
     if isinstance(module, nn.Conv2d) and (
@@ -57,7 +62,8 @@ def check_layers(weights: list[PrunableWeight], method: str) -> None:
     if bad:
         names = [name for name, _ in bad]
         raise InvalidValueError(
-            f"{method} reconstructs Linear and ungrouped, zero-padded Conv2d weights; "
+            f"{method} reconstructs Linear, MultiheadAttention and ungrouped, zero-padded Conv2d "
+            "weights; "
             f"{'; '.join(f'{name!r} is {why}' for name, why in bad)}: exclude "
             f"{'it' if len(bad) == 1 else 'them'} (exclude={names!r}) or use a criterion such as "
             "wanda or magnitude")
@@ -82,7 +88,7 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of a matrix (one row per output position, one column per input
     the weight matrix multiplies)."""
     x = x.detach().float()
-    if isinstance(module, nn.Linear):
+    if not isinstance(module, nn.Conv2d):  # a Linear, or an attention projection
         return x.reshape(-1, x.shape[-1])
     if x.dim() == 3:  # unbatched
         x = x.unsqueeze(0)
@@ -141,7 +147,8 @@ def call_order(model: nn.Module, weights: list[PrunableWeight], data: Iterable,
 
         return hook
 
-    handles = [w.module.register_forward_pre_hook(recorder(i)) for i, w in enumerate(weights)]
+    handles = [input_source(model, w).module.register_forward_pre_hook(recorder(i))
+               for i, w in enumerate(weights)]
     try:
         with eval_mode(model), torch.no_grad():
             x, _ = next(iter_batches(data, model, limit))
@@ -153,26 +160,28 @@ def call_order(model: nn.Module, weights: list[PrunableWeight], data: Iterable,
     return [weights[i] for i in ranked]
 
 
-def gram_blocks(model: nn.Module, weight: PrunableWeight, data: Iterable, limit: int | None,
-                bounds: list[tuple[int, int]]) -> list[torch.Tensor] | None:
-    """Diagonal blocks of 2XXᵀ/n for the layer's inputs under the current (pruned) model, or
-    None when the forward never reaches the layer."""
-    grams: list[torch.Tensor] = []
-    seen = [0]
+def gram_blocks(model: nn.Module, weight: PrunableWeight, source: InputSource, data: Iterable,
+                limit: int | None, bounds: list[tuple[int, int]]
+                ) -> list[list[torch.Tensor]] | None:
+    """Per segment of the tensor's rows, the diagonal blocks of 2XXᵀ/n for the inputs those rows
+    multiply under the current (pruned) model, or None when the forward never reaches them."""
+    grams: list[list[torch.Tensor]] = [[] for _ in source.segments]
+    seen = [0] * len(source.segments)
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        columns = input_columns(module, args[0])
-        for i, (start, stop) in enumerate(bounds):
-            part = columns[:, start:stop]
-            block = part.T @ part
-            if len(grams) <= i:
-                grams.append(block)
-            else:
-                grams[i] += block
-        seen[0] += columns.shape[0]
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for s, segment in enumerate(source.segments):
+            columns = input_columns(weight.module, segment.extract(args, kwargs))
+            for i, (start, stop) in enumerate(bounds):
+                part = columns[:, start:stop]
+                block = part.T @ part
+                if len(grams[s]) <= i:
+                    grams[s].append(block)
+                else:
+                    grams[s][i] += block
+            seen[s] += columns.shape[0]
         raise _Reached
 
-    handle = weight.module.register_forward_pre_hook(hook)
+    handle = source.module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with eval_mode(model), torch.no_grad():
             for x, _ in iter_batches(data, model, limit):
@@ -182,7 +191,7 @@ def gram_blocks(model: nn.Module, weight: PrunableWeight, data: Iterable, limit:
         handle.remove()
     if not seen[0]:
         return None
-    return [2 * g / seen[0] for g in grams]
+    return [[2 * g / n for g in blocks] for blocks, n in zip(grams, seen, strict=True)]
 
 
 def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
@@ -205,7 +214,8 @@ def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
         pruned = as_matrix(weight.module, weight.mask == 0) if weight.mask is not None else (
             torch.zeros_like(matrix, dtype=torch.bool))
         bounds = block_bounds(matrix.shape[1], method.input_blocks, nm[1] if nm else 1)
-        grams = gram_blocks(model, weight, data, method.batches, bounds)
+        source = input_source(model, weight)
+        grams = gram_blocks(model, weight, source, data, method.batches, bounds)
         if grams is None:
             raise InvalidValueError(
                 f"{method.name}: the forward pass never reached layer {weight.name!r}, so it has "
@@ -213,12 +223,15 @@ def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
         keep = torch.ones_like(matrix, dtype=torch.bool)
         new = matrix.clone()
         sparsity = targets[weight.name]
-        for (start, stop), gram in zip(bounds, grams, strict=True):
-            try:
-                keep[:, start:stop], new[:, start:stop] = method.solve(
-                    matrix[:, start:stop], gram, sparsity, nm, pruned[:, start:stop])
-            except InvalidValueError as error:
-                raise InvalidValueError(f"{method.name}, layer {weight.name!r}: {error}") from None
+        for segment, blocks in zip(source.segments, grams, strict=True):
+            rows = slice(segment.start, segment.stop)
+            for (start, stop), gram in zip(bounds, blocks, strict=True):
+                try:
+                    keep[rows, start:stop], new[rows, start:stop] = method.solve(
+                        matrix[rows, start:stop], gram, sparsity, nm, pruned[rows, start:stop])
+                except InvalidValueError as error:
+                    raise InvalidValueError(
+                        f"{method.name}, layer {weight.name!r}: {error}") from None
         with torch.no_grad():
             original = weight.original
             original.copy_(from_matrix(weight.module, new * keep, current).to(original.dtype))

@@ -27,7 +27,10 @@ class SparseGPT(ReconstructionMethod):
     layer take seconds. The mask is chosen per block by the same saliency (adaptive mask
     selection; the exact target count overall), or with ``nm`` per N:M group when the group's
     first column is reached. Layers are pruned sequentially on the already-pruned model (see
-    ``ReconstructionMethod``). Linear and Conv2d layers; needs unlabelled calibration batches.
+    ``ReconstructionMethod``). Linear and Conv2d layers and MultiheadAttention's projections: the
+    query, key and value rows of ``in_proj_weight`` are each solved on their own input, and
+    ``out_proj`` on the heads' outputs (recomputed, as torch never calls its forward). Needs
+    unlabelled calibration batches.
     """
 
     blocksize: int = 128
