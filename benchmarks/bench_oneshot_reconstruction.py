@@ -1,7 +1,9 @@
-"""One-shot pruning without fine-tuning: LeNet-300-100 on MNIST, and the cost of SparseGPT.
+"""One-shot pruning without fine-tuning: LeNet-300-100 on MNIST or the shipped converged
+ResNet-20 on CIFAR-10, and the cost of SparseGPT.
 
-Part 1 trains a dense LeNet-300-100 (a few epochs, the epoch kept by validation accuracy), then
-prunes copies of it once, with no fine-tuning, at 50-90% sparsity and with 2:4, by magnitude
+Part 1 trains a dense LeNet-300-100 (a few epochs, the epoch kept by validation accuracy), or with
+``--model resnet20`` loads the shipped ResNet-20 (``pretrained="cifar10"``), then prunes copies
+of it once, with no fine-tuning, at 50-90% sparsity and with 2:4, by magnitude
 (global and per layer), OBD (empirical Fisher, global), Wanda and SparseGPT-style OBS, each
 calibrated on ``--calibration`` training samples drawn with several seeds. It reports test error
 (mean ± std over calibration seeds; magnitude needs no data, so its std is 0).
@@ -60,22 +62,37 @@ def calibration(bundle, samples: int, seed: int) -> list:
     return batches
 
 
-def magnitude_allocation(dense: nn.Module, sparsity: float) -> dict[str, float]:
+def magnitude_allocation(dense: nn.Module, sparsity: float, exclude: list[str]
+                         ) -> dict[str, float]:
     """Per-layer sparsities that global magnitude pruning chooses at ``sparsity``."""
-    pruned = prunelab.prune(copy.deepcopy(dense), "magnitude", sparsity, scope="global")
-    return {w.name: float((w.weight == 0).float().mean()) for w in prunable_weights(pruned)}
+    pruned = prunelab.prune(copy.deepcopy(dense), "magnitude", sparsity, scope="global",
+                            exclude=exclude)
+    return {w.name: float((w.weight == 0).float().mean()) for w in prunable_weights(pruned)
+            if w.name not in exclude}
 
 
-def accuracy_table(args) -> list[dict]:
+def dense_model(args) -> tuple[nn.Module, object]:
+    """The trained dense model and its data."""
+    if args.model == "resnet20":
+        bundle = prunelab.data.load("cifar10", val_fraction=0.1, split_seed=0)
+        return prunelab.models.create("resnet20", pretrained="cifar10").eval(), bundle
     bundle = prunelab.data.load("mnist")
     seed_everything(0)
     dense = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28))
     train(dense, bundle.loader("train", DENSE.batch_size, shuffle=True, seed=0),
           DENSE.model_copy(update={"epochs": args.dense_epochs}),
           val_data=bundle.loader("val", 1000), keep_best=True, quiet=True)
+    return dense, bundle
+
+
+def accuracy_table(args) -> list[dict]:
+    dense, bundle = dense_model(args)
     rows = [{"method": "dense", "target": "-", "test_error": test_error(dense, bundle)}]
     targets = [(s, None) for s in args.sparsities] + [(0.5, "2:4")]
-    for method, scope, extra in METHODS:
+    methods = [m for m in METHODS if args.model == "lenet" or "blocksize" not in m[2]]
+    # The first convolution stays dense (3 input channels: no 2:4 groups; ShrinkBench's choice).
+    exclude = ["conv1"] if args.model == "resnet20" else []
+    for method, scope, extra in methods:
         for sparsity, nm in targets:
             if nm is not None and scope != "layer":
                 continue  # N:M fixes every group's count: scope and allocation do not apply
@@ -84,8 +101,9 @@ def accuracy_table(args) -> list[dict]:
                 data = calibration(bundle, args.calibration, seed)
                 model = copy.deepcopy(dense)
                 options = {"nm": nm, **extra} if nm else dict(extra)
+                options["exclude"] = exclude
                 if scope == "magnitude-allocation":
-                    options["layer_sparsity"] = magnitude_allocation(dense, sparsity)
+                    options["layer_sparsity"] = magnitude_allocation(dense, sparsity, exclude)
                 seconds.append(timed(partial(
                     prunelab.prune, model, method, sparsity, data=data, **options,
                     scope="global" if scope == "global" else "layer")))
@@ -130,6 +148,7 @@ def cost_table(args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--part", choices=["accuracy", "cost", "both"], default="both")
+    parser.add_argument("--model", choices=["lenet", "resnet20"], default="lenet")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--calibration", type=int, default=1024)
@@ -139,7 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.part in ("accuracy", "both"):
-        report("oneshot_lenet", "LeNet-300-100 / MNIST, one-shot pruning, no fine-tuning "
+        name = {"lenet": "LeNet-300-100 / MNIST", "resnet20": "ResNet-20 / CIFAR-10 (shipped)"}
+        report(f"oneshot_{args.model}", f"{name[args.model]}, one-shot pruning, no fine-tuning "
                "(test error %)", accuracy_table(args))
     if args.part in ("cost", "both"):
         report("sparsegpt_cost", "SparseGPT on a 1024x4096 Linear, 128 calibration sequences",
