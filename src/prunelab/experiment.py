@@ -275,11 +275,16 @@ class Experiment:
         """A batch of test inputs of the latency batch size (for FLOPs and latency)."""
         return next(iter(self.loader("test", self.config.latency.batch_size)))[0]
 
-    def new_model(self, seed: int) -> nn.Module:
-        """A freshly initialised model; the same seed gives the same weights."""
+    def new_model(self, seed: int, choice: MethodChoice | None = None) -> nn.Module:
+        """A freshly initialised model; the same seed gives the same weights. With a ``choice``
+        whose method trains its own way, the module it trains (a slimmable method's supernet)."""
         seed_everything(seed)
         kwargs = {"num_classes": self.bundle.num_classes, "input_shape": self.bundle.input_shape}
-        return models.create(self.config.model, **(kwargs | self.config.model_kwargs))
+        model = models.create(self.config.model, **(kwargs | self.config.model_kwargs))
+        if training_variant(choice):
+            method = METHODS.get(choice.method).create(**choice.options)  # type: ignore[union-attr]
+            model = method.training_model(model, self.example)
+        return model
 
     def fit(self, model: nn.Module, recipe: TrainRecipe, seed: int, label: str,
             callbacks: list[Callback] = (), start_epoch: int = 0,
@@ -308,7 +313,7 @@ class Experiment:
         started = time.perf_counter()
         if self.config.dense == "pretrained":
             return self._pretrained(seed, started)
-        model = self.new_model(seed)
+        model = self.new_model(seed, choice)
         snapshots = _Snapshots(set(snapshot_epochs))
         variant = training_variant(choice)
         extra = (METHODS.get(choice.method).create(**choice.options).training_callbacks()

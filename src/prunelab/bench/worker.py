@@ -85,7 +85,8 @@ def load_or_train_dense(out: Path, spec: SweepSpec, seed: int, key: str,
             saved = payload["extra"].get("snapshots")
             snapshots = {int(e): s for e, s in (saved or {}).items()}
             if saved is not None and "row" in payload["extra"] and needed <= set(snapshots):
-                model = load_state_dict(experiment.new_model(seed), payload["state_dict"])
+                model = load_state_dict(experiment.new_model(seed, choice),
+                                        payload["state_dict"])
                 return DenseModel(model, snapshots, payload["extra"]["row"]), False
         dense = experiment.train_dense(seed, needed, choice)
         snapshots = {str(e): s for e, s in dense.snapshots.items()}

@@ -119,6 +119,12 @@ class Method:
             rows.append((f.name, str(f.type), default))
         return rows
 
+    def training_model(self, model: nn.Module, example: torch.Tensor | None = None
+                       ) -> nn.Module:
+        """The module trained before pruning (with :meth:`training_callbacks`): the model
+        itself, or for a slimmable method a supernet built from it. Default: the model."""
+        return model
+
     def training_callbacks(self) -> list:
         """Callbacks for training the model *before* pruning (e.g. sparsity on BN scales).
 

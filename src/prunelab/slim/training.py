@@ -9,6 +9,7 @@ widths, with inplace distillation: the smaller widths learn the largest's detach
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -34,20 +35,31 @@ class SlimmableTraining(Callback):
             instead of the labels; the largest always learns from the labels.
         val_data: also evaluate the smallest width after each epoch (``val_top1_min_width``).
         seed: the random widths' generator.
+        calibrate_batches: a US-Net: at the end, recalibrate BatchNorm at the largest width on
+            the last this many training batches (its training statistics mix every width), so
+            the supernet evaluates correctly as it is. 0: leave them.
     """
 
-    def __init__(self, net: nn.Module, *, sandwich: int = 4, inplace_distillation: bool = False,
-                 val_data: Iterable | None = None, seed: int = 0):
-        self.spec = spec_of(net)
+    def __init__(self, net: nn.Module | None, *, sandwich: int = 4,
+                 inplace_distillation: bool = False, val_data: Iterable | None = None,
+                 seed: int = 0, calibrate_batches: int = 0):
         if isinstance(sandwich, bool) or not isinstance(sandwich, int) or sandwich < 2:
             raise InvalidValueError(
                 f"sandwich is the number of widths per step, at least 2 (the largest and the "
                 f"smallest), got {sandwich!r}")
-        self.net, self.sandwich, self.distill = net, sandwich, inplace_distillation
+        self.sandwich, self.distill = sandwich, inplace_distillation
         self.val_data = val_data
         self.generator = torch.Generator().manual_seed(seed)
-        self.widths: list[float] = [self.spec.max_width]
         self.min_losses: list[float] = []
+        self.recent: collections.deque = collections.deque(maxlen=max(calibrate_batches, 1))
+        self.calibrate = calibrate_batches > 0
+        if net is not None:
+            self.on_setup(net)
+
+    def on_setup(self, model: nn.Module) -> None:
+        """Train ``model`` (a supernet; ``net=None`` at construction binds the trained one)."""
+        self.net, self.spec = model, spec_of(model)
+        self.widths: list[float] = [self.spec.max_width]
 
     def step_widths(self) -> list[float]:
         """The widths of one step, the largest first."""
@@ -95,8 +107,15 @@ class SlimmableTraining(Callback):
                 metrics["val_top1_min_width"] = evaluate(self.net, self.val_data,
                                                          topk=(1,))["top1"]
 
+    def on_step_end(self, state: TrainState) -> None:
+        if self.calibrate and state.inputs is not None:
+            self.recent.append((state.inputs.detach(), state.targets))
+
     def on_train_end(self, state: TrainState) -> None:
         set_width(self.net, self.spec.max_width)
+        if self.calibrate and self.spec.universal and self.recent:
+            calibrate_bn(self.net, self.spec.max_width, list(self.recent))
+        self.recent.clear()
 
 
 def train_slimmable(
