@@ -362,8 +362,8 @@ def compile_openvino(model: Any, precision: str = "fp32") -> Deployed:
     compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
     ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    step = (f"compiled by OpenVINO {openvino.__version__.split("-")[0]} for the CPU, inference precision "
-            f"{ran} (asked {hint})")
+    version = openvino.__version__.split("-")[0]
+    step = f"compiled by OpenVINO {version} for the CPU, inference precision {ran} (asked {hint})"
     if precision == "bf16" and "BF16" not in capabilities:
         step += "; this CPU has no bf16 support, so it computes in f32"
     request = compiled.create_infer_request()
