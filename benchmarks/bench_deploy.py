@@ -3,14 +3,16 @@
 1. Density crossover of a CSR Linear: dense ``F.linear`` vs :class:`SparseLinear` for square
    layers at several batch sizes and densities (random masks), median of repeated calls.
 2. End to end: LeNet-300-100 at 98% (global magnitude) and ResNet-56 channel-pruned to 2x FLOPs
-   (l2-channel), each deployed with the torch and onnxruntime backends, against the *dense* model
-   deployed the same way; dense and pruned are timed alternately, round by round.
+   (l2-channel), each deployed with the torch, onnxruntime and (when installed) openvino fp32 and
+   bf16 backends, against the *dense* model deployed the same way; dense and pruned are timed
+   alternately, round by round. onnxruntime and OpenVINO use their own thread pools (all cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 
 import torch
 from torch import nn
@@ -45,16 +47,20 @@ def crossover(sizes: list[int], batches: list[int], densities: list[float], repe
     return rows
 
 
+BACKENDS = [("torch", "fp32"), ("onnxruntime", "fp32")] + (
+    [("openvino", "fp32"), ("openvino", "bf16")] if importlib.util.find_spec("openvino") else [])
+
+
 def end_to_end(name: str, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, rounds: int,
                theoretical: float) -> list[dict]:
     rows = []
-    for backend in ("torch", "onnxruntime"):
-        a = deploy(dense, x, backend=backend, sparse=False)
-        b = deploy(pruned, x, backend=backend)
+    for backend, precision in BACKENDS:
+        a = deploy(dense, x, backend=backend, precision=precision, sparse=False)
+        b = deploy(pruned, x, backend=backend, precision=precision)
         with torch.inference_mode():
             pairs = [(timed(lambda f=a: f(x)), timed(lambda f=b: f(x))) for _ in range(rounds)]
         speedup = median([d / p for d, p in pairs])
-        rows.append({"model": name, "batch": x.shape[0], "backend": backend,
+        rows.append({"model": name, "batch": x.shape[0], "backend": f"{backend} {precision}",
                      "dense_ms": median([d for d, _ in pairs]) * 1e3,
                      "pruned_ms": median([p for _, p in pairs]) * 1e3,
                      "measured_speedup": speedup, "theoretical_speedup": theoretical,
@@ -69,27 +75,32 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: robust to other processes on the machine)")
+    parser.add_argument("--resnet-only", action="store_true",
+                        help="only the ResNet-56 end-to-end rows (no crossover, no LeNet)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = crossover([1024, 4096], [1, 16, 64], [0.01, 0.05, 0.1, 0.2, 0.3, 0.5], args.repeats)
-    report("deploy_crossover", "CSR vs dense Linear (ms, median)", rows,
-           {"threads": args.threads})
-
     results = []
-    lenet = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28)).eval()
-    sparse_lenet = prunelab.prune(copy.deepcopy(lenet), "magnitude", sparsity=0.98)
-    for batch in (64, 1):
-        x = torch.randn(batch, 1, 28, 28)
-        theory = measure(sparse_lenet, x).theoretical_speedup
-        results += end_to_end("lenet-300-100 98%", lenet, sparse_lenet, x, args.rounds, theory)
+    if not args.resnet_only:
+        rows = crossover([1024, 4096], [1, 16, 64], [0.01, 0.05, 0.1, 0.2, 0.3, 0.5],
+                         args.repeats)
+        report("deploy_crossover", "CSR vs dense Linear (ms, median)", rows,
+               {"threads": args.threads})
+        lenet = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28)).eval()
+        sparse_lenet = prunelab.prune(copy.deepcopy(lenet), "magnitude", sparsity=0.98)
+        for batch in (64, 1):
+            x = torch.randn(batch, 1, 28, 28)
+            theory = measure(sparse_lenet, x).theoretical_speedup
+            results += end_to_end("lenet-300-100 98%", lenet, sparse_lenet, x, args.rounds,
+                                  theory)
     resnet = prunelab.models.create("resnet56").eval()
     pruned = prunelab.prune(copy.deepcopy(resnet), "l2-channel", speedup=2.0)
     for batch in (64, 1):
         x = torch.randn(batch, 3, 32, 32)
         theory = measure(resnet, x).flops / measure(pruned, x).flops
         results += end_to_end("resnet56 l2-channel 2x", resnet, pruned, x, args.rounds, theory)
-    report("deploy_end_to_end", "Deployed pruned vs deployed dense (same backend)", results,
+    report("deploy_end_to_end_resnet" if args.resnet_only else "deploy_end_to_end",
+           "Deployed pruned vs deployed dense (same backend)", results,
            {"threads": args.threads})
 
 

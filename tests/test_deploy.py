@@ -79,7 +79,7 @@ def test_a_deployment_that_changes_the_output_is_refused(resnet, monkeypatch) ->
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"backend": "tensorrt"}, "backend must be one of torch, onnxruntime"),
+    ({"backend": "tensorrt"}, "backend must be one of torch, onnxruntime, openvino"),
     ({"precision": "int8"}, "precision must be one of fp32, bf16"),
     ({"backend": "onnxruntime", "precision": "bf16"}, "serves fp32"),
 ])

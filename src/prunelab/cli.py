@@ -285,10 +285,15 @@ def inspect(
 @app.command()
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="a prunelab checkpoint (.pt)")],
-    out: Annotated[Path, typer.Option(help="where to write the ONNX file")],
+    out: Annotated[Path, typer.Option(help="where to write the ONNX file (onnxruntime) or the "
+                                           "IR .xml + .bin (openvino)")],
     batch_size: Annotated[int, typer.Option(help="batch size of the example input")] = 1,
+    backend: Annotated[str, typer.Option(help="onnxruntime or openvino (pip install "
+                                              "'prunelab[openvino]')")] = "onnxruntime",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 (openvino)")] = "fp32",
 ) -> None:
-    """Export a checkpoint for serving: masks baked, BatchNorm folded, ONNX, output-checked."""
+    """Export a checkpoint for serving: masks baked, BatchNorm folded, ONNX or OpenVINO IR,
+    output-checked."""
     import torch
 
     from prunelab import models as zoo
@@ -297,10 +302,13 @@ def export(
 
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be >= 1, got {batch_size}")
+    if backend not in ("onnxruntime", "openvino"):
+        raise typer.BadParameter(f"--backend must be onnxruntime or openvino, got {backend!r}")
     net, payload = load_checkpoint(checkpoint)
     shape = payload["model"].get("kwargs", {}).get("input_shape") or zoo.default_input_shape(net)
     example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
-    deployed = deploy(net, example, backend="onnxruntime", onnx_path=out)
+    paths = {"onnx_path": out} if backend == "onnxruntime" else {"ir_path": out}
+    deployed = deploy(net, example, backend=backend, precision=precision, **paths)
     console.print(Text(deployed.summary()))
 
 

@@ -4,9 +4,12 @@
 into plain tensors, BatchNorm folded into the convolution before it (``torch.fx``), the faster
 memory layout chosen by timing both, and Linear layers whose weights are sparse enough served by
 a CSR matrix product where that is *measured* to be faster on this machine, layer by layer. The
-``onnxruntime`` backend exports the result to ONNX and serves it from an inference session. The
-deployed model's output on the example is compared with the original's; fp32 must agree to float
-tolerance (else :class:`~prunelab.errors.PrunelabError`), bf16 reports its error.
+``onnxruntime`` backend exports the result to ONNX and serves it from an inference session; the
+``openvino`` backend converts that ONNX file to an OpenVINO model compiled for the CPU (optionally
+saved as IR). ``backend="auto"`` builds every installed backend and keeps the fastest on the
+example.
+The deployed model's output on the example is compared with the original's; fp32 must agree to
+float tolerance (else :class:`~prunelab.errors.PrunelabError`), bf16 reports its error.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino")
+#: Which package each runtime backend needs, and the extra that installs it.
+_PACKAGES = {"onnxruntime": ("onnxruntime", "prunelab"),
+             "openvino": ("openvino", "prunelab[openvino]")}
 PRECISIONS = ("fp32", "bf16")
 #: Linear layers denser than this are never tried as sparse (CSR only wins far below).
 SPARSE_MAX_DENSITY = 0.5
@@ -43,6 +49,7 @@ class Deployed:
     run: Callable[[torch.Tensor], torch.Tensor]
     module: nn.Module | None = None
     onnx_path: Path | None = None
+    ir_path: Path | None = None
     steps: list[str] = field(default_factory=list)
     max_abs_error: float = 0.0
 
@@ -76,42 +83,109 @@ class SparseLinear(nn.Module):
 
 def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "torch",
            precision: str = "fp32", sparse: bool = True, onnx_path: str | Path | None = None,
-           repeats: int = 20) -> Deployed:
+           ir_path: str | Path | None = None, repeats: int = 20) -> Deployed:
     """Return ``model`` made ready to serve on ``backend`` in ``precision``, output-checked.
 
     ``sparse=False`` keeps every layer dense; ``repeats`` is how many timed calls decide each
-    measured choice (layout, dense or CSR per layer). ``onnx_path`` keeps the exported file of
-    the ``onnxruntime`` backend (a temporary file otherwise).
+    measured choice (layout, dense or CSR per layer, and the backend under ``"auto"``).
+    ``onnx_path`` keeps the exported file of the ``onnxruntime`` backend (a temporary file
+    otherwise); ``ir_path`` (``.xml``, with its ``.bin`` beside it) saves the ``openvino`` model.
     """
-    if backend not in BACKENDS:
-        raise InvalidValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend not in (*BACKENDS, "auto"):
+        raise InvalidValueError(f"backend must be one of {', '.join(BACKENDS)}, auto; "
+                                f"got {backend!r}")
     if precision not in PRECISIONS:
         raise InvalidValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                                 f"got {precision!r}")
     if backend == "onnxruntime" and precision != "fp32":
-        raise InvalidValueError("the onnxruntime backend serves fp32; use backend='torch' for "
-                                "bf16")
+        raise InvalidValueError("the onnxruntime backend serves fp32; use backend='torch' or "
+                                "'openvino' for bf16")
     if not isinstance(example_input, torch.Tensor):
         raise InvalidValueError("example_input must be a tensor (one batch of inputs)")
+    if backend != "auto":
+        _require(backend)
     steady_allocator()
     with torch.inference_mode():
         reference = model.eval()(example_input).float()
     plain, steps = _plain(model)
     plain, step = _fold_batchnorm(plain)
     steps.append(step)
-    if backend == "onnxruntime":
-        deployed = _onnxruntime(plain, example_input, onnx_path, steps)
-    else:
-        deployed = _torch(plain, example_input, precision, sparse, repeats, steps)
-    with torch.inference_mode():
-        error = float((deployed(example_input).float() - reference).abs().max())
-    deployed.max_abs_error = error
-    tolerance = 1e-4 * max(1.0, float(reference.abs().max()))
+    options = {"sparse": sparse, "repeats": repeats, "onnx_path": onnx_path, "ir_path": ir_path}
+    if backend == "auto":
+        return _auto(plain, example_input, precision, reference, steps, options)
+    deployed = _build(backend, plain, example_input, precision, steps, options)
+    error, tolerance = _error(deployed, example_input, reference)
     if precision == "fp32" and not error <= tolerance:
         raise PrunelabError(f"the deployed model ({backend}) differs from the original by "
                             f"{error:.3g} (tolerance {tolerance:.3g}); steps: "
                             f"{'; '.join(deployed.steps)}")
     return deployed
+
+
+def _require(backend: str) -> None:
+    """One clear error when a runtime backend's package is not installed."""
+    if backend not in _PACKAGES:
+        return
+    package, extra = _PACKAGES[backend]
+    try:
+        __import__(package)
+    except ImportError as exc:
+        raise PrunelabError(f"the {backend} backend needs the {package} package: "
+                            f"pip install '{extra}'") from exc
+
+
+def _installed(backend: str) -> bool:
+    try:
+        _require(backend)
+    except PrunelabError:
+        return False
+    return True
+
+
+def _build(backend: str, plain: nn.Module, x: torch.Tensor, precision: str, steps: list[str],
+           options: dict[str, Any]) -> Deployed:
+    if backend == "onnxruntime":
+        return _onnxruntime(plain, x, options["onnx_path"], steps)
+    if backend == "openvino":
+        return _openvino(plain, x, precision, options["ir_path"], steps)
+    return _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
+
+
+def _error(deployed: Deployed, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """The deployed model's largest error on ``x`` (also stored on it), and the fp32 tolerance."""
+    with torch.inference_mode():
+        error = float((deployed(x).float() - reference).abs().max())
+    deployed.max_abs_error = error
+    return error, 1e-4 * max(1.0, float(reference.abs().max()))
+
+
+def _auto(plain: nn.Module, x: torch.Tensor, precision: str, reference: torch.Tensor,
+          steps: list[str], options: dict[str, Any]) -> Deployed:
+    """Build every installed backend that serves ``precision``, time each on ``x`` and keep the
+    fastest whose output passes the check (fp32 within tolerance; bf16 reports its error)."""
+    candidates = [b for b in BACKENDS if _installed(b)
+                  and not (b == "onnxruntime" and precision != "fp32")]
+    built, notes = {}, []
+    for backend in candidates:
+        try:
+            deployed = _build(backend, copy.deepcopy(plain), x, precision, list(steps), options)
+        except Exception as exc:  # a backend that cannot take this model is skipped, and said
+            notes.append(f"{backend}: failed to build ({type(exc).__name__}: {exc})"[:200])
+            continue
+        error, tolerance = _error(deployed, x, reference)
+        if precision == "fp32" and not error <= tolerance:
+            notes.append(f"{backend}: output differs by {error:.3g}, not used")
+            continue
+        built[backend] = (_median_ms(lambda d=deployed: d(x), options["repeats"]), deployed)
+    if not built:
+        raise PrunelabError(f"no backend could serve this model: {'; '.join(notes)}")
+    best = min(built, key=lambda b: built[b][0])
+    times = ", ".join(f"{b} {ms:.2f} ms" for b, (ms, _) in built.items())
+    chosen = built[best][1]
+    chosen.steps.append(f"backend {best} chosen by measurement on the example ({times}; "
+                        f"median of {options['repeats']})")
+    chosen.steps += notes
+    return chosen
 
 
 def _plain(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -224,15 +298,19 @@ def _sparse_linears(model: nn.Module, x: torch.Tensor, repeats: int) -> list[str
     return lines
 
 
-def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None,
-                 steps: list[str]) -> Deployed:
-    import onnxruntime
-
+def _export(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None) -> Path:
     from prunelab.checkpoint import export_onnx
 
     if onnx_path is None:
         onnx_path = Path(tempfile.mkdtemp(prefix="prunelab-deploy-")) / "model.onnx"
-    path = export_onnx(model, onnx_path, x)
+    return export_onnx(model, onnx_path, x)
+
+
+def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None,
+                 steps: list[str]) -> Deployed:
+    import onnxruntime
+
+    path = _export(model, x, onnx_path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = onnxruntime.InferenceSession(str(path), options,
@@ -245,3 +323,54 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None
         return torch.from_numpy(session.run(None, {"input": array})[0])
 
     return Deployed("onnxruntime", "fp32", run, onnx_path=path, steps=steps)
+
+
+def _openvino(model: nn.Module, x: torch.Tensor, precision: str, ir_path: str | Path | None,
+              steps: list[str]) -> Deployed:
+    """Convert through the ONNX export (the same tested graph, dynamic batch) and compile it for
+    the CPU with the inference precision hint; ``ir_path`` keeps the IR in full fp32 weights."""
+    import openvino
+
+    model_ov = openvino.convert_model(str(_export(model, x, None)))
+    steps.append("exported to ONNX and converted by openvino.convert_model")
+    if ir_path is not None:
+        ir_path = Path(ir_path).with_suffix(".xml")
+        openvino.save_model(model_ov, str(ir_path), compress_to_fp16=False)
+        steps.append(f"OpenVINO IR saved to {ir_path} (+ .bin), fp32 weights")
+    deployed = compile_openvino(model_ov, precision)
+    deployed.steps[:0] = steps
+    deployed.ir_path = ir_path
+    return deployed
+
+
+def compile_openvino(model: Any, precision: str = "fp32") -> Deployed:
+    """Compile an OpenVINO model (or the path of a saved ``.xml`` IR) for the CPU with
+    ``precision`` as its inference precision hint, as a :class:`Deployed` taking torch tensors.
+
+    On a CPU without bf16 support OpenVINO runs f32 whatever the hint; the steps say which ran.
+    """
+    _require("openvino")
+    if precision not in PRECISIONS:
+        raise InvalidValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
+                                f"got {precision!r}")
+    import openvino
+
+    core = openvino.Core()
+    if isinstance(model, (str, Path)):
+        model = core.read_model(str(model))
+    hint = {"fp32": "f32", "bf16": "bf16"}[precision]
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    version = openvino.__version__.split("-")[0]
+    step = f"compiled by OpenVINO {version} for the CPU, inference precision {ran} (asked {hint})"
+    if precision == "bf16" and "BF16" not in capabilities:
+        step += "; this CPU has no bf16 support, so it computes in f32"
+    request = compiled.create_infer_request()
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        array = inputs.detach().float().contiguous().numpy()
+        request.infer({0: array})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+
+    return Deployed("openvino", precision, run, steps=[step])
