@@ -31,7 +31,7 @@ def cli_commands(page: Path) -> list[list[str]]:
     """The `prunelab <command> [<subcommand>]` words of the page's ```bash blocks."""
     commands = set()
     for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.S | re.M):
-        for words in re.findall(r"^prunelab ((?:[a-z][a-z-]* ?){1,2})", block, re.M):
+        for words in re.findall(r"^prunelab ((?:[a-z][a-z0-9-]* ?){1,2})", block, re.M):
             commands.add(tuple(words.split()))
     return [list(c) for c in sorted(commands)]
 
