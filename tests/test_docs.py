@@ -12,12 +12,28 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "docs" / "index.md", *sorted((ROOT / "docs" / "tutorials").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md",
+         *sorted((ROOT / "docs" / "tutorials").glob("*.md"))]
+# A block that cannot run in a test (a long training, a GPU, a cluster) says so on the line before
+# its fence, with the reason visible to readers: <!-- not-run: trains ResNet-56 for hours -->
+NOT_RUN = re.compile(r"<!-- not-run: \S[^>]*-->\n$")
 
 
 def python_blocks(page: Path) -> str:
-    """The page's ```python blocks, in order, as one program (later blocks build on earlier)."""
-    return "\n".join(re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M))
+    """The page's ```python blocks, in order, as one program (later blocks build on earlier),
+    leaving out those marked not-run."""
+    text = page.read_text()
+    blocks = re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M)
+    return "\n".join(b.group(1) for b in blocks if not NOT_RUN.search(text[:b.start()]))
+
+
+def cli_commands(page: Path) -> list[list[str]]:
+    """The `prunelab <command> [<subcommand>]` words of the page's ```bash blocks."""
+    commands = set()
+    for block in re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.S | re.M):
+        for words in re.findall(r"^prunelab ((?:[a-z][a-z0-9-]* ?){1,2})", block, re.M):
+            commands.add(tuple(words.split()))
+    return [list(c) for c in sorted(commands)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
@@ -26,6 +42,30 @@ def test_every_code_example_of_the_docs_runs(page, tmp_path, monkeypatch, shared
     assert code.strip(), f"{page.name} has no python example"
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+
+
+def test_the_not_run_marker_needs_a_reason(tmp_path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nx = 1\n```\n<!-- not-run: needs a GPU -->\n```python\ny = 1\n```\n"
+                    "<!-- not-run: -->\n```python\nz = 1\n```\n")
+    assert python_blocks(page) == "x = 1\n\nz = 1\n"
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md"], ids=["README.md"])
+def test_every_command_the_readme_names_exists(page) -> None:
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+
+    commands = cli_commands(page)
+    assert ["run"] in [c[:1] for c in commands], "the README shows no `prunelab run`"
+    for words in commands:
+        # The second word is a subcommand or an argument (a model name, a file): --help settles it.
+        result = CliRunner().invoke(app, [*words[:1], "--help"])
+        assert result.exit_code == 0, f"prunelab {words[0]}: {result.output}"
+        if len(words) == 2 and "Commands" in result.output:
+            sub = CliRunner().invoke(app, [*words, "--help"])
+            assert sub.exit_code == 0, f"prunelab {' '.join(words)}: {sub.output}"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None,
