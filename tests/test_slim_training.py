@@ -219,3 +219,30 @@ def test_autoslim_method_reaches_its_speedup() -> None:
     assert structure_of(model)  # an ordinary structurally pruned model: saves and reloads
     with pytest.raises(InvalidValueError, match="MACs budget"):
         prunelab.prune(prunelab.models.create("resnet20"), "autoslim", 0.5, data=data)
+
+
+def test_slimmable_method_trains_a_supernet_and_exports_the_widest_width_meeting_the_target(
+) -> None:
+    from prunelab.methods import METHODS
+    from prunelab.metrics import measure
+    from prunelab.training import train
+
+    torch.manual_seed(0)
+    method = METHODS.get("slimmable").create(min_width=0.25)
+    net = method.training_model(Small(), X[:1])
+    assert slim.is_slimmable(net) and not slim.is_slimmable(Small())
+    train(net, [(X, Y)] * 3, plain_sgd(), callbacks=method.training_callbacks(), quiet=True)
+    dense_macs = measure(copy.deepcopy(net).eval(), X[:1]).macs
+    expected = copy.deepcopy(net)
+    prunelab.prune(net, "slimmable", speedup=2.0, data=[(X, Y)])
+    assert not slim.is_slimmable(net) and structure_of(net)
+    ratio = dense_macs / measure(net, X[:1]).macs
+    assert ratio >= 2.0
+    # The widest width: one more channel per group would miss the target.
+    spec = slim.spec_of(expected)
+    assert spec.macs(1.0) / spec.macs(min(1.0, net.conv.out_channels / 8 + 1 / 8)) < 2.0
+    with pytest.raises(InvalidValueError, match="out of reach"):
+        prunelab.prune(method.training_model(Small(), X[:1]), "slimmable", speedup=100.0,
+                       data=[(X, Y)])
+    with pytest.raises(InvalidValueError, match="prunes a supernet"):
+        prunelab.prune(Small(), "slimmable", speedup=2.0, data=[(X, Y)])
