@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import prunelab
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -33,3 +36,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"offline datasets not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    """A channel-pruned ResNet-20 with non-trivial BatchNorm statistics (for deployment tests:
+    folding must get them right)."""
+    torch.manual_seed(0)
+    model = prunelab.models.create("resnet20")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return prunelab.prune(model, "l2-channel", speedup=1.5)

@@ -18,15 +18,6 @@ needs_openvino = pytest.mark.skipif(
     reason="openvino is not installed (pip install 'prunelab[openvino]')")
 
 
-@pytest.fixture(scope="module")
-def resnet() -> nn.Module:
-    torch.manual_seed(0)
-    model = prunelab.models.create("resnet20")
-    for m in model.modules():  # BatchNorm statistics that folding must get right
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_()
-            m.running_var.uniform_(0.5, 2.0)
-    return prunelab.prune(model, "l2-channel", speedup=1.5)
 
 
 @pytest.fixture(scope="module")

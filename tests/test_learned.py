@@ -302,11 +302,17 @@ def test_merging_a_duplicated_neuron_leaves_the_output_unchanged() -> None:
     assert torch.allclose(model(x), before, atol=1e-5)
 
 
-def test_variance_pruning_of_a_constant_neuron_leaves_the_output_unchanged() -> None:
+def constant_neuron_model() -> nn.Module:
+    """:func:`merge_model` whose neuron 2 always outputs relu(0.7) = 0.7."""
     model = merge_model()
-    with torch.no_grad():  # neuron 2 always outputs relu(0.7) = 0.7
+    with torch.no_grad():
         model[0].weight[2] = 0
         model[0].bias[2] = 0.7
+    return model
+
+
+def test_variance_pruning_of_a_constant_neuron_leaves_the_output_unchanged() -> None:
+    model = constant_neuron_model()
     x = torch.randn(10, 4)
     before = model(x)
     prunelab.prune(model, "merge", 1 / 6, data=calibration(), include=["0"])
@@ -315,10 +321,7 @@ def test_variance_pruning_of_a_constant_neuron_leaves_the_output_unchanged() -> 
 
 
 def test_plain_removal_of_the_same_neuron_changes_the_output() -> None:
-    model = merge_model()
-    with torch.no_grad():
-        model[0].weight[2] = 0
-        model[0].bias[2] = 0.7
+    model = constant_neuron_model()
     x = torch.randn(10, 4)
     before = model(x)
     prunelab.prune(model, "merge", 1 / 6, data=calibration(), include=["0"], compensate=False)

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from toy_models import Concat
 
 import prunelab
 from prunelab import slim
@@ -15,24 +16,6 @@ from prunelab.metrics import count_flops
 from prunelab.slim.layers import SwitchableBatchNorm
 
 X = torch.randn(6, 3, 32, 32)
-
-
-class Concat(nn.Module):
-    """Two branches concatenated, a BatchNorm over both, a depthwise conv: index sets, not
-    prefixes, at every width."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
-        self.bn = nn.BatchNorm2d(14)
-        self.c = nn.Conv2d(14, 14, 3, padding=1, groups=14)
-        self.d = nn.Conv2d(14, 12, 1)
-        self.fc = nn.Linear(12, 10)
-        self.input_shape = (3, 32, 32)
-
-    def forward(self, x):
-        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
-        return self.fc(self.d(self.c(y)).mean((2, 3)))
 
 
 def build(name: str) -> nn.Module:

@@ -191,17 +191,23 @@ class MethodChoice(CheckedModel):
         return self.label or f"{self.method}/{self.scope}"
 
 
-def training_variant(choice: MethodChoice | None) -> dict[str, Any] | None:
-    """The method and options a dense model must be trained with, or None for plain training."""
+def training_method(choice: MethodChoice | None) -> Method | None:
+    """The method whose own training the dense model needs (its callbacks, and the module
+    :meth:`~prunelab.methods.base.Method.training_model` gives), or None for plain training."""
     if choice is None:
         return None
     try:
         method = METHODS.get(choice.method).create(**choice.options)
     except PrunelabError:  # a bad option fails the run itself, where it is recorded
         return None
-    if not method.training_callbacks():
+    return method if method.training_callbacks() else None
+
+
+def training_variant(choice: MethodChoice | None) -> dict[str, Any] | None:
+    """The method and options a dense model must be trained with, or None for plain training."""
+    if training_method(choice) is None:
         return None
-    return {"method": choice.method, "options": choice.options}
+    return {"method": choice.method, "options": choice.options}  # type: ignore[union-attr]
 
 
 @dataclass
@@ -281,10 +287,8 @@ class Experiment:
         seed_everything(seed)
         kwargs = {"num_classes": self.bundle.num_classes, "input_shape": self.bundle.input_shape}
         model = models.create(self.config.model, **(kwargs | self.config.model_kwargs))
-        if training_variant(choice):
-            method = METHODS.get(choice.method).create(**choice.options)  # type: ignore[union-attr]
-            model = method.training_model(model, self.example)
-        return model
+        method = training_method(choice)
+        return model if method is None else method.training_model(model, self.example)
 
     def fit(self, model: nn.Module, recipe: TrainRecipe, seed: int, label: str,
             callbacks: list[Callback] = (), start_epoch: int = 0,
@@ -315,13 +319,12 @@ class Experiment:
             return self._pretrained(seed, started)
         model = self.new_model(seed, choice)
         snapshots = _Snapshots(set(snapshot_epochs))
-        variant = training_variant(choice)
-        extra = (METHODS.get(choice.method).create(**choice.options).training_callbacks()
-                 if variant else [])
+        method = training_method(choice)
+        extra = method.training_callbacks() if method is not None else []
         self.fit(model, self.config.train, seed, "dense", [snapshots, *extra])
         states = {e: s.state for e, s in snapshots.takers.items() if s.state is not None}
         row = self.row(model, seed, time.perf_counter() - started)
-        label = f"dense ({choice.method} training)" if variant else "dense"
+        label = f"dense ({choice.method} training)" if method is not None else "dense"
         row.update(method="dense", label=label, recovery=None, target_kind=None,
                    target_value=None)
         return DenseModel(model, states, row)
