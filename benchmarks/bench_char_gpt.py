@@ -6,10 +6,11 @@ the last 10% of the text. Here ``gpt-char`` with the same shape is trained with 
 for about as many tokens (2 passes over the non-overlapping 64-character training windows in
 batches of 12, AdamW, cosine decay to 0), and evaluated on every window of the last 10% of the
 text (prunelab's test split = nanoGPT's "val"). Then, without fine-tuning, pruned one-shot to
-50% (more with --sparsities) by each unstructured criterion, on all prunable tensors (embeddings
-and the output layer included) or only the transformer blocks (what LLM pruning papers do); loss
-and perplexity of each. The trained weights are saved (with the zoo name) for other benchmarks
-to reuse.
+50% (more with --sparsities) and 2:4 by each unstructured criterion (magnitude, random, Taylor,
+activation, OBD, Wanda, SparseGPT), on all prunable tensors (embeddings and the output layer
+included) or only the transformer blocks (what LLM pruning papers do); loss, perplexity and
+pruning time of each, against one forward pass over the calibration data. The trained weights
+are saved (with the zoo name) for other benchmarks to reuse.
 """
 
 from __future__ import annotations
@@ -17,23 +18,33 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 
 import torch
 
 import prunelab
 from prunelab.checkpoint import save_checkpoint
 from prunelab.training import Callback, TrainRecipe, train
-from prunelab.utils import seed_everything
+from prunelab.utils import eval_mode, seed_everything
 
 from common import RESULTS, report
 
 MODEL = {"layers": 4, "width": 128, "heads": 4}
-VARIANTS = [  # (label, method, scope, include)
-    ("magnitude", "magnitude", "global", None),
-    ("magnitude", "magnitude", "layer", ["blocks.*"]),
-    ("random", "random", "layer", ["blocks.*"]),
-    ("taylor", "taylor", "global", None),
-    ("activation", "activation", "layer", ["blocks.*"]),
+BLOCKS = ["blocks.*"]
+VARIANTS = [  # (label, method, scope, include, nm)
+    ("magnitude", "magnitude", "global", None, None),
+    ("magnitude", "magnitude", "layer", BLOCKS, None),
+    ("random", "random", "layer", BLOCKS, None),
+    ("taylor", "taylor", "global", None, None),
+    ("activation", "activation", "layer", BLOCKS, None),
+    ("obd", "obd", "global", BLOCKS, None),
+    ("wanda", "wanda", "layer", BLOCKS, None),
+    ("sparsegpt", "sparsegpt", "layer", BLOCKS, None),
+    # 2:4 (exactly 2 of every 4 consecutive input weights): every method, the blocks only
+    ("magnitude", "magnitude", "layer", BLOCKS, "2:4"),
+    ("obd", "obd", "layer", BLOCKS, "2:4"),
+    ("wanda", "wanda", "layer", BLOCKS, "2:4"),
+    ("sparsegpt", "sparsegpt", "layer", BLOCKS, "2:4"),
 ]
 
 
@@ -84,8 +95,12 @@ def main() -> None:
     dense = quality(model, bundle)
     rows = [{"method": "dense", "scope": "-", "layers": "-", "sparsity": 0.0,
              "calibration_seed": None, **dense}]
-    for sparsity in args.sparsities:
-        for label, method, scope, include in VARIANTS:
+    forward_s = []  # one forward pass over a calibration set, for the cost of pruning
+    targets = [(s, None) for s in args.sparsities] + [(0.5, "2:4")]
+    for sparsity, pattern in targets:
+        for label, method, scope, include, nm in VARIANTS:
+            if nm != pattern:
+                continue
             needs_data = prunelab.methods.METHODS.get(method).needs_data
             random_draws = method == "random"
             for seed in args.calibration_seeds if needs_data or random_draws else [None]:
@@ -93,17 +108,36 @@ def main() -> None:
                 if needs_data:  # 8 batches of 16 training windows, drawn by the seed
                     loader = bundle.loader("train", 16, shuffle=True, seed=seed)
                     calibration = [batch for _, batch in zip(range(8), loader, strict=False)]
+                    if len(forward_s) < 3:
+                        forward_s.append(_forward_seconds(model, calibration))
                 options = {"seed": seed} if random_draws else {}
-                pruned = prunelab.prune(copy.deepcopy(model), method, sparsity, scope=scope,
+                if nm:
+                    options["nm"] = nm
+                trial = copy.deepcopy(model)
+                start = time.perf_counter()
+                pruned = prunelab.prune(trial, method, sparsity, scope=scope,
                                         data=calibration, include=include, **options)
+                seconds = time.perf_counter() - start
                 rows.append({"method": label, "scope": scope,
-                             "layers": "blocks" if include else "all", "sparsity": sparsity,
-                             "calibration_seed": seed, **quality(pruned, bundle)})
+                             "layers": "blocks" if include else "all",
+                             "sparsity": nm or sparsity, "calibration_seed": seed,
+                             **quality(pruned, bundle), "prune_s": round(seconds, 3)})
+                print(rows[-1], flush=True)
     report("char_gpt", "gpt-char (4x128) on Tiny Shakespeare: dense, then one-shot pruning "
            "without fine-tuning (test = last 10% of the text, nats/char)", rows,
            extra={"train_seconds": seconds, "train_steps": steps, "history": history,
                   "weights": os.path.relpath(args.weights, RESULTS.parent.parent), "model": MODEL,
-                  "tokens_seen": steps * args.batch_size * 64})
+                  "tokens_seen": steps * args.batch_size * 64,
+                  "calibration_forward_s": sorted(forward_s)[len(forward_s) // 2]})
+
+
+def _forward_seconds(model: torch.nn.Module, batches: list) -> float:
+    """Seconds of one forward pass of ``model`` over the calibration ``batches``."""
+    start = time.perf_counter()
+    with eval_mode(model), torch.no_grad():
+        for inputs, _ in batches:
+            model(inputs)
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from torch import nn
 
 from prunelab.errors import InvalidValueError
 from prunelab.methods import METHODS, LayerSelection, Method
+from prunelab.structured.method import StructuredMethod
 from prunelab.utils import check_input, input_errors
 
 
@@ -22,6 +23,9 @@ def prune(
     *,
     compression: float | None = None,
     speedup: float | None = None,
+    latency_speedup: float | None = None,
+    backend: str = "torch",
+    precision: str = "fp32",
     example_input: torch.Tensor | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
@@ -44,6 +48,12 @@ def prune(
             removal, recorded on the model, so a repeated call prunes on to it.
         compression: instead of a sparsity, reach params / non-zero params = ``compression``.
         speedup: instead of a sparsity, reach dense FLOPs / pruned FLOPs = ``speedup``.
+        latency_speedup: structured methods only: reach a speed-up *predicted from measured
+            latencies* of every layer on ``backend`` in ``precision`` (``prunelab.deploy``'s),
+            at the batch size of ``example_input``. With ``scope="global"`` the channels go
+            where they save the most time per unit of importance (NetAdapt/HALP style); the
+            table is measured once per machine and cached (:mod:`prunelab.structured.latency`).
+        backend, precision: where a ``latency_speedup`` is measured.
         example_input: an input batch for methods that trace or measure the model (structured
             methods, ``speedup``); by default the first batch of ``data`` or zeros of the zoo
             model's ``input_shape``.
@@ -72,7 +82,8 @@ def prune(
     if sample is not None:
         check_input(model, sample)
     targets = {k: v for k, v in
-               (("sparsity", sparsity), ("compression", compression), ("speedup", speedup))
+               (("sparsity", sparsity), ("compression", compression), ("speedup", speedup),
+                ("latency", latency_speedup))
                if v is not None}
     if len(targets) > 1:
         raise InvalidValueError(f"give one target, not {' and '.join(targets)}")
@@ -81,6 +92,14 @@ def prune(
         method = METHODS.get(method).create(**options)
     elif options:
         raise TypeError("options can only be given with a method name, not a method instance")
+    measured_on = {}
+    if kind == "latency":
+        if not isinstance(method, StructuredMethod):
+            raise InvalidValueError(
+                f"a latency_speedup needs a channel method (channels removed for real, chosen "
+                f"by their scores); {method.name!r} is not one. Use a channel method "
+                "(prunelab methods), or a speedup (FLOPs) target")
+        measured_on = {"backend": backend, "precision": precision}
     selection = LayerSelection(
         include=tuple(include) if include is not None else None,
         exclude=tuple(exclude),
@@ -90,7 +109,7 @@ def prune(
     )
     with input_errors(model, sample if sample is not None else torch.empty(0)):
         return method.prune(model, value, scope=scope, data=data, selection=selection,
-                            target=kind, example_input=example_input)
+                            target=kind, example_input=example_input, **measured_on)
 
 
 def _first_input(example_input: torch.Tensor | None, data: Iterable | None) -> Any:

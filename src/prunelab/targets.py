@@ -1,9 +1,11 @@
 """Targets other than a sparsity: compression ratio or FLOPs speed-up, solved by bisection.
 
 A target is ``(kind, value)``: ``sparsity`` (fraction of prunable weights, or of channels for
-structured methods), ``compression`` (params / non-zero params) or ``speedup`` (dense FLOPs /
-pruned FLOPs). Methods turn a ratio into a pruned model; :func:`solve_ratio` finds the ratio that
-reaches a compression or speed-up by pruning copies and measuring them.
+structured methods), ``compression`` (params / non-zero params), ``speedup`` (dense FLOPs /
+pruned FLOPs) or ``latency`` (a speed-up predicted from measured layer latencies; structured
+methods only, :mod:`prunelab.structured.latency`). Methods turn a ratio into a pruned model;
+:func:`solve_ratio` finds the ratio that reaches a compression or speed-up by pruning copies and
+measuring them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections.abc import Callable
 
 from prunelab.errors import InvalidValueError
 
-TARGET_KINDS = ("sparsity", "compression", "speedup")
+TARGET_KINDS = ("sparsity", "compression", "speedup", "latency")
 
 
 def check_target(kind: str, value: float) -> None:

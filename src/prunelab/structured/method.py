@@ -36,6 +36,7 @@ from prunelab.structured.graph import (
     removed_so_far,
     structure_of,
 )
+from prunelab.structured.latency import LatencyTarget
 from prunelab.structured.rounding import kernel_multiple, layer_multiple, round_plan
 from prunelab.targets import check_target, solve_ratio
 
@@ -84,9 +85,13 @@ class StructuredMethod(Method):
         selection: LayerSelection = ALL_LAYERS,
         target: str = "sparsity",
         example_input: torch.Tensor | None = None,
+        backend: str = "torch",
+        precision: str = "fp32",
     ) -> nn.Module:
         """Remove channels: ``sparsity`` is the fraction of channels, or with ``target`` set to
-        ``compression``/``speedup`` the parameter or FLOPs reduction factor to reach.
+        ``compression``/``speedup`` the parameter or FLOPs reduction factor to reach, or with
+        ``latency`` the speed-up predicted by layer latencies measured on ``backend`` in
+        ``precision`` at the example input's batch size (:mod:`prunelab.structured.latency`).
 
         Targets are relative to the model before its first removal (recorded on the model), so
         calling ``prune`` again with a higher target prunes on to it rather than compounding;
@@ -145,7 +150,25 @@ class StructuredMethod(Method):
 
         reference = _reference(model, example)
         ratio = sparsity
-        if target != "sparsity":
+        latency = None
+        if target == "latency":
+            if selection.layer_sparsity:
+                raise InvalidValueError(
+                    "layer_sparsity overrides fix some layers' ratios, a latency target lets "
+                    "the measured times decide them: give one or the other")
+            latency = LatencyTarget(model, example, groups, blocks, multiples, done, backend,
+                                    precision)
+            if scope == "global":
+                units = [_units(s, b, self.comparable_across_layers)
+                         for s, b in zip(scores, blocks, strict=True)]
+                counts = latency.greedy(units, sparsity)
+                plan = _symmetric({g.root: _expand(u.argsort(stable=True)[:n // b].tolist(), b)
+                                   for g, u, n, b in zip(groups, units, counts, blocks,
+                                                         strict=True) if n},
+                                  groups, scores)
+            else:
+                ratio = latency.solve_ratio(plan_for, sparsity)
+        elif target != "sparsity":
             dense = reference[_KEYS[target]]
             if dense is None:
                 raise InvalidValueError(
@@ -166,7 +189,8 @@ class StructuredMethod(Method):
                 raise InvalidValueError(
                     f"{exc}; {said} keeps channel counts on multiples and small layers whole, "
                     "round_to=1 reaches further") from None
-        plan = plan_for(ratio)
+        if latency is None or scope != "global":
+            plan = plan_for(ratio)
         self._report(groups, plan, done)
         if not any(plan.values()) and done:
             warnings.warn(f"the model is already pruned to this target ({sparsity} {target}) or "
@@ -185,6 +209,8 @@ class StructuredMethod(Method):
         if len(structure_of(model)) > len(history):  # this call removed channels
             structure_of(model)[-1]["round_to"] = (self.round_to if self.round_to is not None
                                                     else f"auto({machine})")
+            if latency is not None:
+                structure_of(model)[-1]["latency"] = latency.record(plan)
         return model
 
     def _report(self, groups: list[ChannelGroup], plan: Plan, done: dict[str, int]) -> None:
@@ -257,9 +283,6 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
     blocks = blocks or [1] * len(groups)
     units = [s.view(-1, b).mean(1) if b > 1 else s for s, b in zip(scores, blocks, strict=True)]
 
-    def channels(i: int, picked: list[int]) -> list[int]:
-        b = blocks[i]
-        return sorted(u * b + j for u in picked for j in range(b)) if b > 1 else picked
 
     plan: Plan = {}
     shared: list[int] = []
@@ -271,13 +294,13 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
         original = group.size + done.get(group.root, 0)
         wanted = count(ratio if own is None else own, original) - done.get(group.root, 0)
         removed = max(min(round(wanted / blocks[i]), len(units[i]) - MIN_CHANNELS), 0)
-        plan[group.root] = channels(i, units[i].argsort(stable=True)[:removed].tolist())
+        plan[group.root] = _expand(units[i].argsort(stable=True)[:removed].tolist(), blocks[i])
     if shared:
         # Rank every unit but each group's best together (so each keeps >= 1 unit); a block
         # counts as its channels towards the ratio.
         pooled = []
         for i in shared:
-            s = units[i] if comparable else units[i] / units[i].abs().mean().clamp_min(1e-12)
+            s = units[i] if comparable else _units(units[i], 1, False)
             order = s.argsort(stable=True)
             pooled += [(float(s[j]), i, int(j)) for j in order[: len(units[i]) - MIN_CHANNELS]]
         total = sum(groups[i].size + done.get(groups[i].root, 0) for i in shared)
@@ -289,8 +312,20 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
             picked.setdefault(i, []).append(j)
             budget -= blocks[i]
         for i, units_removed in picked.items():
-            plan[groups[i].root] = channels(i, units_removed)
+            plan[groups[i].root] = _expand(units_removed, blocks[i])
     return plan
+
+
+def _expand(units: list[int], block: int) -> list[int]:
+    """The channels of the picked ``units`` (blocks of ``block`` channels, e.g. heads)."""
+    return sorted(u * block + j for u in units for j in range(block)) if block > 1 else units
+
+
+def _units(score: torch.Tensor, block: int, comparable: bool) -> torch.Tensor:
+    """A group's scores per removable unit (a channel, or a head's mean), normalised by the
+    group's mean unless scores compare across layers."""
+    units = score.view(-1, block).mean(1) if block > 1 else score
+    return units if comparable else units / units.abs().mean().clamp_min(1e-12)
 
 
 def _unless(skip: list[bool], *columns: list) -> list[list]:

@@ -1,0 +1,153 @@
+"""Latency-aware channel targets: the table, its cache, and where the greedy plan cuts.
+
+Most tests replace the timing of a layer by a known cost (its multiply-adds, possibly weighted
+by where it sits), so the plan can be checked exactly; one test times real layers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import prunelab
+from prunelab.errors import InvalidValueError
+from prunelab.structured.graph import structure_of
+from prunelab.structured.latency import LatencyTable, LayerShape, layer_shapes
+
+X = torch.randn(4, 3, 32, 32)
+
+
+def macs(shape: LayerShape, cin: int, cout: int) -> float:
+    """Multiply-adds of a layer: a cost that is exactly bilinear in (cin, cout)."""
+    if shape.kind == "linear":
+        return float(cin * cout)
+    out = 1
+    for size, k, s, p, d in zip(shape.input_size, shape.kernel, shape.stride, shape.padding,
+                                shape.dilation, strict=True):
+        out *= (size + 2 * p - d * (k - 1) - 1) // s + 1
+    per_output = 1 if shape.kind == "depthwise" else cin
+    for k in shape.kernel:
+        per_output *= k
+    return float(cout * out * per_output)
+
+
+def conv_linear_macs(model: nn.Module, example: torch.Tensor) -> float:
+    shapes = layer_shapes(model, example)
+    return sum(macs(s, s.in_channels, s.out_channels) for s in shapes.values())
+
+
+@pytest.fixture
+def timed_as(monkeypatch, tmp_path):
+    """Replace layer timing by ``cost(shape, cin, cout)`` (with a cache of its own); returns
+    the list of timed calls."""
+    calls = []
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path))
+
+    def use(cost):
+        def fake(self, shape, cin, cout):
+            calls.append((shape.key, cin, cout))
+            return cost(shape, cin, cout)
+        monkeypatch.setattr(LatencyTable, "_time", fake)
+        return calls
+    return use
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_macs_table_predicts_the_macs_speedup_exactly(timed_as, scope) -> None:
+    timed_as(macs)
+    model = prunelab.models.create("resnet20")
+    before = conv_linear_macs(model, X)
+    prunelab.prune(model, "l2-channel", latency_speedup=2.0, example_input=X, scope=scope)
+    record = structure_of(model)[-1]["latency"]
+    achieved = before / conv_linear_macs(model, X)
+    # Piecewise-linear interpolation of a bilinear cost is exact: prediction = truth.
+    assert record["predicted_speedup"] == pytest.approx(achieved, rel=1e-3)
+    assert record["predicted_speedup"] >= 2.0
+    assert record["backend"] == "torch" and record["batch_size"] == 4
+    assert achieved < 2.3  # not far past the target
+
+
+def stage_fractions(model: nn.Module) -> dict[str, float]:
+    """Fraction of output channels removed from the convolutions of each ResNet-20 stage."""
+    full = {"layer1": 16, "layer2": 32, "layer3": 64}
+    kept = {stage: [] for stage in full}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and name.split(".")[0] in full:
+            kept[name.split(".")[0]].append(module.out_channels)
+    return {s: 1 - sum(k) / (full[s] * len(k)) for s, k in kept.items()}
+
+
+def test_cuts_go_where_the_time_is(timed_as) -> None:
+    """With the 8x8 stage ten times slower per multiply-add than its FLOPs say, the latency
+    plan takes more of its channels than a FLOPs plan does, and fewer elsewhere."""
+    timed_as(lambda s, cin, cout: macs(s, cin, cout) * (10 if s.input_size == (8, 8) else 1))
+    by_flops = prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", speedup=1.5,
+                              example_input=X)
+    by_latency = prunelab.prune(prunelab.models.create("resnet20"), "l2-channel",
+                                latency_speedup=1.5, example_input=X)
+    flops, latency = stage_fractions(by_flops), stage_fractions(by_latency)
+    assert latency["layer3"] > flops["layer3"] + 0.05
+    assert latency["layer1"] < flops["layer1"]
+
+
+def test_the_table_is_measured_once_and_cached(timed_as) -> None:
+    calls = timed_as(macs)
+    model = prunelab.models.create("resnet20")
+    prunelab.prune(model, "l2-channel", latency_speedup=1.5, example_input=X)
+    first = len(calls)
+    assert first > 0
+    table = structure_of(model)[-1]["latency"]["table"]
+    grids = json.loads(Path(table).read_text())
+    assert all(len(g["ms"]) == len(g["cin"]) for g in grids.values())
+    prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=1.5,
+                   example_input=X)
+    assert len(calls) == first  # the second model found every shape in the cache
+    # Another batch size is another table.
+    prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=1.5,
+                   example_input=X[:2])
+    assert len(calls) > first
+
+
+def test_a_repeated_call_prunes_on_to_the_original_target(timed_as) -> None:
+    timed_as(macs)
+    model = prunelab.models.create("resnet20")
+    before = conv_linear_macs(model, X)
+    prunelab.prune(model, "l2-channel", latency_speedup=1.5, example_input=X)
+    prunelab.prune(model, "l2-channel", latency_speedup=2.5, example_input=X)
+    assert before / conv_linear_macs(model, X) == pytest.approx(
+        structure_of(model)[-1]["latency"]["predicted_speedup"], rel=1e-3)
+    assert structure_of(model)[-1]["latency"]["predicted_speedup"] >= 2.5
+
+
+def test_real_layer_timings_are_positive_and_grow_with_width(tmp_path) -> None:
+    shape = LayerShape("conv", 64, 64, (3, 3), (1, 1), (1, 1), (1, 1), (16, 16))
+    table = LatencyTable({"conv": shape}, {"conv": (32, 32)}, batch_size=8,
+                         cache_dir=tmp_path, repeats=5)
+    grid = next(iter(table.grids.values()))
+    assert grid["cin"] == [32, 64] and grid["cout"] == [32, 64]
+    assert all(ms > 0 for row in grid["ms"] for ms in row)
+    # 4x the multiply-adds takes longer (by a wide margin even on a loaded machine).
+    assert grid["ms"][1][1] > grid["ms"][0][0]
+    assert table.path.parent == tmp_path and table.path.exists()
+
+
+def test_bad_latency_targets_are_refused(timed_as) -> None:
+    timed_as(macs)
+    with pytest.raises(InvalidValueError, match="needs a channel method"):
+        prunelab.prune(prunelab.models.create("resnet20"), "magnitude", latency_speedup=2.0)
+    with pytest.raises(InvalidValueError, match="measured on a backend"):
+        prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=2.0,
+                       backend="tensorrt", example_input=X)
+    with pytest.raises(InvalidValueError, match="ratio >= 1"):
+        prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=0.5,
+                       example_input=X)
+    with pytest.raises(InvalidValueError, match="give one or the other"):
+        prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=1.5,
+                       example_input=X, layer_sparsity={"layer1.*": 0.5})
+    with pytest.raises(InvalidValueError, match="out of reach"):
+        prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=50.0,
+                       example_input=X)
