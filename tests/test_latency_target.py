@@ -151,3 +151,25 @@ def test_bad_latency_targets_are_refused(timed_as) -> None:
     with pytest.raises(InvalidValueError, match="out of reach"):
         prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=50.0,
                        example_input=X)
+
+
+def test_latency_targets_in_a_sweep(timed_as, tmp_path) -> None:
+    from prunelab.bench import ResultStore, SweepSpec, run_sweep
+    from prunelab.config import validate
+
+    timed_as(macs)
+    base = {"model": "resnet20", "dataset": "digits",
+            "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
+            "latency": {"enabled": False, "batch_size": 4}}
+    with pytest.raises(Exception, match="magnitude remove no channels"):
+        validate(SweepSpec, {**base, "grid": {"methods": ["l2-channel", "magnitude"],
+                                              "targets": {"latency_speedup": [2.0]}}})
+    spec = validate(SweepSpec, {**base, "grid": {
+        "methods": ["l2-channel"], "targets": {"latency_speedup": [1.5]}, "seeds": [0],
+        "recoveries": ["none"], "controls": False}})
+    summary = run_sweep(spec, tmp_path / "sweep", quiet=True)
+    assert (summary.ok, summary.failed) == (1, 0)
+    with ResultStore(tmp_path / "sweep" / "results.sqlite") as store:
+        row = next(r for r in store.rows() if r["method"] != "dense")
+    assert row["target_kind"] == "latency_speedup" and row["target_value"] == 1.5
+    assert row["theoretical_speedup"] > 1.3  # channels went (FLOPs are not the target here)

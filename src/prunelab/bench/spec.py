@@ -27,7 +27,8 @@ from prunelab.provenance import config_hash
 from prunelab.recoveries import RECOVERIES, Recovery
 from prunelab.sparsity import check_sparsity
 
-TargetKind = Literal["sparsity", "compression", "speedup"]
+TargetKind = Literal["sparsity", "compression", "speedup", "latency_speedup"]
+RATIO_KINDS = ("compression", "speedup", "latency_speedup")
 
 #: The controls of each granularity: random pruning and magnitude pruning of the same structure.
 CONTROLS: dict[str, tuple[str, ...]] = {
@@ -37,34 +38,37 @@ CONTROLS: dict[str, tuple[str, ...]] = {
 
 
 class Targets(CheckedModel):
-    """Pruning targets; give one or more kinds. ``speedup`` is a theoretical FLOPs reduction."""
+    """Pruning targets; give one or more kinds. ``speedup`` is a theoretical FLOPs reduction;
+    ``latency_speedup`` (channel methods) a speed-up predicted from layer latencies measured
+    with torch at the latency batch size (``prunelab.prune``'s ``latency_speedup``)."""
 
     model_config = ConfigDict(extra="forbid")
     sparsity: list[float] = Field(default_factory=list)
     compression: list[float] = Field(default_factory=list)
     speedup: list[float] = Field(default_factory=list)
+    latency_speedup: list[float] = Field(default_factory=list)
 
     @field_validator("sparsity")
     @classmethod
     def _sparsity(cls, value: list[float]) -> list[float]:
         return [check_sparsity(v) for v in value]
 
-    @field_validator("compression", "speedup")
+    @field_validator(*RATIO_KINDS)
     @classmethod
     def _ratios(cls, value: list[float]) -> list[float]:
         if any(v < 1 for v in value):
-            raise ValueError("compression and speedup targets are ratios >= 1")
+            raise ValueError("compression and speed-up targets are ratios >= 1")
         return value
 
     @model_validator(mode="after")
     def _some(self) -> Targets:
-        if not (self.sparsity or self.compression or self.speedup):
-            raise ValueError("give at least one target (sparsity, compression or speedup)")
+        if not any(getattr(self, kind) for kind in ("sparsity", *RATIO_KINDS)):
+            raise ValueError("give at least one target (sparsity, compression, speedup or "
+                             "latency_speedup)")
         return self
 
     def pairs(self) -> list[tuple[str, float]]:
-        return [(kind, v) for kind in ("sparsity", "compression", "speedup")
-                for v in getattr(self, kind)]
+        return [(kind, v) for kind in ("sparsity", *RATIO_KINDS) for v in getattr(self, kind)]
 
 
 class Grid(CheckedModel):
@@ -95,6 +99,21 @@ class Grid(CheckedModel):
                     listed.add(control)
                     choices.append(MethodChoice(method=control, scope=choice.scope))
         return choices
+
+    @model_validator(mode="after")
+    def _latency_needs_channels(self) -> Grid:
+        """A latency target removes channels: refuse a method that does not, before training."""
+        from prunelab.methods import METHODS
+        from prunelab.structured.method import StructuredMethod
+
+        if self.targets.latency_speedup:
+            others = [c.method for c in self.methods
+                      if not issubclass(METHODS.get(c.method), StructuredMethod)]
+            if others:
+                raise ValueError(f"latency_speedup targets need channel methods; "
+                                 f"{', '.join(others)} remove no channels (give them their own "
+                                 "sweep, or a speedup target)")
+        return self
 
     @field_validator("methods", mode="before")
     @classmethod
