@@ -47,7 +47,8 @@ def main() -> None:
         ["openvino"] if importlib.util.find_spec("openvino") else []))
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: robust to other processes on the machine)")
+                        help="threads of every backend, for the table and the timings (1: "
+                             "robust to other processes on the machine)")
     parser.add_argument("--cache", default=None,
                         help="latency table cache (default: a fresh temporary folder)")
     args = parser.parse_args()
@@ -61,7 +62,8 @@ def main() -> None:
         for backend in args.backends:
             for batch in args.batches:
                 x = torch.randn(batch, *dense.input_shape)
-                served_dense = deploy(dense, x, backend=backend, sparse=False)
+                served_dense = deploy(dense, x, backend=backend, sparse=False,
+                                      threads=args.threads)
                 for target in args.targets:
                     for kind in ("speedup", "latency_speedup"):
                         options = {"backend": backend} if kind == "latency_speedup" else {}
@@ -79,7 +81,7 @@ def main() -> None:
                         theory = measure(dense, x[:1]).flops / measure(pruned, x[:1]).flops
                         predicted = structure_of(pruned)[-1].get("latency", {}).get(
                             "predicted_speedup")
-                        served = deploy(pruned, x, backend=backend)
+                        served = deploy(pruned, x, backend=backend, threads=args.threads)
                         dense_ms, pruned_ms, speedup = alternate(served_dense, served, x,
                                                                  args.rounds)
                         rows.append({"model": name, "backend": backend, "batch": batch,

@@ -70,10 +70,30 @@ def test_a_deployment_that_changes_the_output_is_refused(resnet, monkeypatch) ->
     ({"backend": "tensorrt"}, "backend must be one of torch, onnxruntime, openvino"),
     ({"precision": "int8"}, "precision must be one of fp32, bf16"),
     ({"backend": "onnxruntime", "precision": "bf16"}, "serves fp32"),
+    ({"threads": 0}, "threads must be a positive whole number"),
 ])
 def test_bad_deploy_options(resnet, kwargs, message) -> None:
     with pytest.raises(InvalidValueError, match=message):
         deploy(resnet, X, **kwargs)
+
+
+def test_threads_are_fixed_per_call_and_said(resnet) -> None:
+    before = torch.get_num_threads()
+    served = deploy(resnet, X, repeats=2, threads=1)
+    assert "1 torch thread per call" in served.steps
+    assert torch.get_num_threads() == before  # set around each call, then restored
+    seen = []
+    resnet_forward = served.module.forward
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return resnet_forward(*args)
+
+    served.module.forward = spy
+    served(X)
+    assert seen == [1] and torch.get_num_threads() == before
+    session = deploy(resnet, X, backend="onnxruntime", threads=1)
+    assert any("1 intra-op threads" in step for step in session.steps)
 
 
 def test_cli_export_writes_a_checked_onnx_file(tmp_path, capsys) -> None:

@@ -37,6 +37,13 @@ def test_openvino_fp32_matches_a_pruned_conv_net_at_another_batch(resnet) -> Non
 
 
 @needs_openvino
+def test_openvino_threads_are_set(resnet) -> None:
+    deployed = deploy(resnet, X, backend="openvino", threads=1)
+    assert any(s.endswith(", 1 threads") for s in deployed.steps), deployed.steps
+    assert deployed.max_abs_error < 1e-4
+
+
+@needs_openvino
 def test_openvino_fp32_matches_a_masked_mlp(mlp) -> None:
     x = torch.randn(16, 1, 28, 28)
     deployed = deploy(mlp, x, backend="openvino")

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "docs" / "index.md",
-         *sorted((ROOT / "docs" / "tutorials").glob("*.md"))]
+#: Every page with a python example: README and the site.
+PAGES = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").rglob("*.md"))
+                               if "```python" in p.read_text())]
 # A block that cannot run in a test (a long training, a GPU, a cluster) says so on the line before
 # its fence, with the reason visible to readers: <!-- not-run: trains ResNet-56 for hours -->
 NOT_RUN = re.compile(r"<!-- not-run: \S[^>]*-->\n$")

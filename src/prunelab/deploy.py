@@ -14,12 +14,13 @@ float tolerance (else :class:`~prunelab.errors.PrunelabError`), bf16 reports its
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,11 +84,15 @@ class SparseLinear(nn.Module):
 
 def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "torch",
            precision: str = "fp32", sparse: bool = True, onnx_path: str | Path | None = None,
-           ir_path: str | Path | None = None, repeats: int = 20) -> Deployed:
+           ir_path: str | Path | None = None, repeats: int = 20,
+           threads: int | None = None) -> Deployed:
     """Return ``model`` made ready to serve on ``backend`` in ``precision``, output-checked.
 
     ``sparse=False`` keeps every layer dense; ``repeats`` is how many timed calls decide each
     measured choice (layout, dense or CSR per layer, and the backend under ``"auto"``).
+    ``threads`` fixes how many threads a call uses (torch's intra-op threads around each call,
+    onnxruntime's intra-op pool, OpenVINO's ``INFERENCE_NUM_THREADS``); by default each runtime
+    uses its own default (all cores for onnxruntime and OpenVINO, the process's torch setting).
     ``onnx_path`` keeps the exported file of the ``onnxruntime`` backend (a temporary file
     otherwise); ``ir_path`` (``.xml``, with its ``.bin`` beside it) saves the ``openvino`` model.
     """
@@ -102,6 +107,10 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
                                 "'openvino' for bf16")
     if not isinstance(example_input, torch.Tensor):
         raise InvalidValueError("example_input must be a tensor (one batch of inputs)")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InvalidValueError(f"threads must be a positive whole number (or None for the "
+                                f"runtime's default), got {threads!r}")
     if backend != "auto":
         _require(backend)
     steady_allocator()
@@ -110,7 +119,8 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
     plain, steps = _plain(model)
     plain, step = _fold_batchnorm(plain)
     steps.append(step)
-    options = {"sparse": sparse, "repeats": repeats, "onnx_path": onnx_path, "ir_path": ir_path}
+    options = {"sparse": sparse, "repeats": repeats, "onnx_path": onnx_path, "ir_path": ir_path,
+               "threads": threads}
     if backend == "auto":
         return _auto(plain, example_input, precision, reference, steps, options)
     deployed = _build(backend, plain, example_input, precision, steps, options)
@@ -144,11 +154,34 @@ def _installed(backend: str) -> bool:
 
 def _build(backend: str, plain: nn.Module, x: torch.Tensor, precision: str, steps: list[str],
            options: dict[str, Any]) -> Deployed:
+    threads = options["threads"]
     if backend == "onnxruntime":
-        return _onnxruntime(plain, x, options["onnx_path"], steps)
+        return _onnxruntime(plain, x, options["onnx_path"], steps, threads)
     if backend == "openvino":
-        return _openvino(plain, x, precision, options["ir_path"], steps)
-    return _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
+        return _openvino(plain, x, precision, options["ir_path"], steps, threads)
+    if threads is None:
+        return _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
+    with _torch_threads(threads):
+        deployed = _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
+    serve = deployed.run
+
+    def run(inputs: torch.Tensor) -> torch.Tensor:
+        with _torch_threads(threads):
+            return serve(inputs)
+
+    deployed.run = run
+    deployed.steps.append(f"{threads} torch thread{'s' if threads > 1 else ''} per call")
+    return deployed
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _error(deployed: Deployed, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
@@ -307,16 +340,19 @@ def _export(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None) -> 
 
 
 def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None,
-                 steps: list[str]) -> Deployed:
+                 steps: list[str], threads: int | None = None) -> Deployed:
     import onnxruntime
 
     path = _export(model, x, onnx_path)
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = onnxruntime.InferenceSession(str(path), options,
                                            providers=["CPUExecutionProvider"])
     steps.append(f"exported to ONNX ({path}) and served by onnxruntime "
-                 f"{onnxruntime.__version__} with all graph optimisations")
+                 f"{onnxruntime.__version__} with all graph optimisations, "
+                 f"{threads or 'default'} intra-op threads")
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
         array = inputs.detach().float().contiguous().numpy()
@@ -326,7 +362,7 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None
 
 
 def _openvino(model: nn.Module, x: torch.Tensor, precision: str, ir_path: str | Path | None,
-              steps: list[str]) -> Deployed:
+              steps: list[str], threads: int | None = None) -> Deployed:
     """Convert through the ONNX export (the same tested graph, dynamic batch) and compile it for
     the CPU with the inference precision hint; ``ir_path`` keeps the IR in full fp32 weights."""
     import openvino
@@ -337,15 +373,17 @@ def _openvino(model: nn.Module, x: torch.Tensor, precision: str, ir_path: str | 
         ir_path = Path(ir_path).with_suffix(".xml")
         openvino.save_model(model_ov, str(ir_path), compress_to_fp16=False)
         steps.append(f"OpenVINO IR saved to {ir_path} (+ .bin), fp32 weights")
-    deployed = compile_openvino(model_ov, precision)
+    deployed = compile_openvino(model_ov, precision, threads)
     deployed.steps[:0] = steps
     deployed.ir_path = ir_path
     return deployed
 
 
-def compile_openvino(model: Any, precision: str = "fp32") -> Deployed:
+def compile_openvino(model: Any, precision: str = "fp32", threads: int | None = None
+                     ) -> Deployed:
     """Compile an OpenVINO model (or the path of a saved ``.xml`` IR) for the CPU with
     ``precision`` as its inference precision hint, as a :class:`Deployed` taking torch tensors.
+    ``threads`` sets ``INFERENCE_NUM_THREADS`` (default: OpenVINO's, all cores).
 
     On a CPU without bf16 support OpenVINO runs f32 whatever the hint; the steps say which ran.
     """
@@ -359,11 +397,15 @@ def compile_openvino(model: Any, precision: str = "fp32") -> Deployed:
     if isinstance(model, (str, Path)):
         model = core.read_model(str(model))
     hint = {"fp32": "f32", "bf16": "bf16"}[precision]
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+    config = {"INFERENCE_PRECISION_HINT": hint}
+    if threads is not None:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
     ran = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     version = openvino.__version__.split("-")[0]
-    step = f"compiled by OpenVINO {version} for the CPU, inference precision {ran} (asked {hint})"
+    step = (f"compiled by OpenVINO {version} for the CPU, inference precision {ran} (asked "
+            f"{hint}), {compiled.get_property('INFERENCE_NUM_THREADS') or 'default'} threads")
     if precision == "bf16" and "BF16" not in capabilities:
         step += "; this CPU has no bf16 support, so it computes in f32"
     request = compiled.create_infer_request()

@@ -166,7 +166,7 @@ class LatencyTable:
         x = torch.randn(self.batch_size, *shape.input_size, cin) if shape.kind == "linear" else \
             torch.randn(self.batch_size, cin, *shape.input_size)
         served = deploy(layer, x, backend=self.backend, precision=self.precision, sparse=False,
-                        repeats=3)
+                        repeats=3, threads=torch.get_num_threads())
         with torch.inference_mode():
             for _ in range(3):
                 served(x)
