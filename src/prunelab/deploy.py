@@ -367,7 +367,8 @@ def _openvino(model: nn.Module, x: torch.Tensor, precision: str, ir_path: str | 
     the CPU with the inference precision hint; ``ir_path`` keeps the IR in full fp32 weights."""
     import openvino
 
-    model_ov = openvino.convert_model(str(_export(model, x, None)))
+    with tempfile.TemporaryDirectory(prefix="prunelab-deploy-") as folder:
+        model_ov = openvino.convert_model(str(_export(model, x, Path(folder) / "model.onnx")))
     steps.append("exported to ONNX and converted by openvino.convert_model")
     if ir_path is not None:
         ir_path = Path(ir_path).with_suffix(".xml")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -165,8 +166,10 @@ class LatencyTable:
         layer = shape.module(cin, cout).eval()
         x = torch.randn(self.batch_size, *shape.input_size, cin) if shape.kind == "linear" else \
             torch.randn(self.batch_size, cin, *shape.input_size)
-        served = deploy(layer, x, backend=self.backend, precision=self.precision, sparse=False,
-                        repeats=3, threads=torch.get_num_threads())
+        with tempfile.TemporaryDirectory(prefix="prunelab-latency-") as folder:
+            served = deploy(layer, x, backend=self.backend, precision=self.precision,
+                            sparse=False, repeats=3, threads=torch.get_num_threads(),
+                            onnx_path=Path(folder) / "layer.onnx")  # loaded, then removed
         with torch.inference_mode():
             for _ in range(3):
                 served(x)
