@@ -117,11 +117,11 @@ def main() -> None:
                 start = time.perf_counter()
                 pruned = prunelab.prune(trial, method, sparsity, scope=scope,
                                         data=calibration, include=include, **options)
-                seconds = time.perf_counter() - start
+                prune_seconds = time.perf_counter() - start
                 rows.append({"method": label, "scope": scope,
                              "layers": "blocks" if include else "all",
                              "sparsity": nm or sparsity, "calibration_seed": seed,
-                             **quality(pruned, bundle), "prune_s": round(seconds, 3)})
+                             **quality(pruned, bundle), "prune_s": round(prune_seconds, 3)})
                 print(rows[-1], flush=True)
     report("char_gpt", "gpt-char (4x128) on Tiny Shakespeare: dense, then one-shot pruning "
            "without fine-tuning (test = last 10% of the text, nats/char)", rows,
