@@ -16,7 +16,7 @@ from torch import nn
 import prunelab
 from prunelab.errors import InvalidValueError
 from prunelab.structured.graph import structure_of
-from prunelab.structured.latency import LatencyTable, LayerShape, layer_shapes
+from prunelab.structured.latency import OVERHEAD, LatencyTable, LayerShape, layer_shapes
 
 X = torch.randn(4, 3, 32, 32)
 
@@ -102,7 +102,7 @@ def test_the_table_is_measured_once_and_cached(timed_as) -> None:
     assert first > 0
     table = structure_of(model)[-1]["latency"]["table"]
     grids = json.loads(Path(table).read_text())
-    assert all(len(g["ms"]) == len(g["cin"]) for g in grids.values())
+    assert all(len(g["ms"]) == len(g["cin"]) for k, g in grids.items() if k != OVERHEAD)
     prunelab.prune(prunelab.models.create("resnet20"), "l2-channel", latency_speedup=1.5,
                    example_input=X)
     assert len(calls) == first  # the second model found every shape in the cache
@@ -133,6 +133,9 @@ def test_real_layer_timings_are_positive_and_grow_with_width(tmp_path) -> None:
     # 4x the multiply-adds takes longer (by a wide margin even on a loaded machine).
     assert grid["ms"][1][1] > grid["ms"][0][0]
     assert table.path.parent == tmp_path and table.path.exists()
+    # A call's own cost (a 1x1 Linear) is measured once and taken off every layer's time.
+    assert 0 < table.overhead_ms < grid["ms"][1][1]
+    assert table.layer_ms("conv", 64, 64) == pytest.approx(grid["ms"][1][1] - table.overhead_ms)
 
 
 def test_bad_latency_targets_are_refused(timed_as) -> None:

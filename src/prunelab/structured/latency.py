@@ -6,8 +6,10 @@ A FLOPs target removes channels wherever the scores say; the measured speed-up t
 to its FLOPs: small or strided layers cost more per FLOP, and times move in steps of the kernels'
 vector width. Here each convolution and Linear layer of the model is timed alone on the
 deployment backend, at the batch size of the example input, for a grid of input and output
-channel counts (the multiples the layer may keep). The table is measured once per machine,
-backend, precision, batch size and thread count and cached as JSON. The model's latency is
+channel counts (the multiples the layer may keep), less the cost of calling a deployed layer
+that computes next to nothing (a call's overhead, which a layer inside a model does not pay).
+The table is measured once per machine, backend, precision, batch size and thread count and
+cached as JSON. The model's latency is
 predicted as the sum of its layers' (the other operations scale with the channels too and are
 left out), and a removal plan is built greedily, one channel multiple at a time, taking the step
 that loses the least importance per millisecond saved, until the predicted latency reaches the
@@ -149,6 +151,10 @@ class LatencyTable:
             if progress is not None:
                 progress(f"timing layer shape {i + 1}/{len(missing)} on {backend}")
             self.grids[key] = self._measure(shape, step)
+        if OVERHEAD not in self.grids:
+            self.grids[OVERHEAD] = {"ms": self._time(_PROBE, 1, 1)}
+            missing[OVERHEAD] = (_PROBE, (1, 1))
+        self.overhead_ms = self.grids[OVERHEAD]["ms"]
         if missing:
             _save(self.path, self.grids)
 
@@ -184,13 +190,22 @@ class LatencyTable:
         """The interpolated time of layer ``name`` with ``cin`` inputs and ``cout`` outputs."""
         grid = self.grids[self._keys[name]]
         if self.shapes[name].kind == "depthwise":
-            return _interpolate(grid["cout"], grid["ms"][0], cout)
-        rows = [_interpolate(grid["cout"], row, cout) for row in grid["ms"]]
-        return _interpolate(grid["cin"], rows, cin)
+            ms = _interpolate(grid["cout"], grid["ms"][0], cout)
+        else:
+            rows = [_interpolate(grid["cout"], row, cout) for row in grid["ms"]]
+            ms = _interpolate(grid["cin"], rows, cin)
+        return max(ms - self.overhead_ms, 0.0)
 
     def predict(self, widths: Widths) -> float:
         """Predicted milliseconds of the timed layers at ``widths``."""
         return sum(self.layer_ms(name, *widths[name]) for name in self.shapes)
+
+
+#: The table's entry for the time of calling a deployed layer that computes next to nothing
+#: (a 1x1 Linear): the backend's per-call cost, which a layer inside a whole model does not pay,
+#: taken off every layer's time.
+OVERHEAD = "per-call overhead"
+_PROBE = LayerShape("linear", 1, 1, (), (), (), (), ())
 
 
 def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
