@@ -118,7 +118,8 @@ def test_rigl_drop_fraction_follows_a_cosine() -> None:
 
 def test_interval_longer_than_the_run_is_refused() -> None:
     dst = DynamicSparsity("gradient", interval=1000)
-    with pytest.raises(PrunelabError, match="delta_t 1000 steps is longer than the 27 steps"):
+    with pytest.raises(PrunelabError,
+                       match=r"interval \(delta_t\) 1000 steps is longer than the 27 steps"):
         train(sparse_mlp(), blobs(), RECIPE, callbacks=[dst], quiet=True)
     with pytest.raises(PrunelabError, match="has none"):
         train(nn.Linear(10, 3), blobs(), RECIPE, callbacks=[DynamicSparsity()], quiet=True)

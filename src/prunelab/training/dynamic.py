@@ -67,9 +67,9 @@ class DynamicSparsity(Callback):
         self.last = int(self.end * state.total_steps)
         if self.interval > self.last:
             raise InvalidValueError(
-                f"{self.name} delta_t {self.interval} steps is longer than the {self.last} steps "
-                f"that update masks ({self.end:g} of {state.total_steps} training steps): no "
-                "update would happen; lower delta_t or train longer")
+                f"{self.name} interval (delta_t) {self.interval} steps is longer than the "
+                f"{self.last} steps that update masks ({self.end:g} of {state.total_steps} "
+                "training steps): no update would happen; lower it or train longer")
 
     def due(self, step: int) -> bool:
         """Whether the masks are updated after optimiser step ``step`` (counted from 1)."""
