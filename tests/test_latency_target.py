@@ -164,7 +164,7 @@ def test_latency_targets_in_a_sweep(timed_as, tmp_path) -> None:
     base = {"model": "resnet20", "dataset": "digits",
             "train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
             "latency": {"enabled": False, "batch_size": 4}}
-    with pytest.raises(Exception, match="magnitude remove no channels"):
+    with pytest.raises(Exception, match="magnitude removes no channels"):
         validate(SweepSpec, {**base, "grid": {"methods": ["l2-channel", "magnitude"],
                                               "targets": {"latency_speedup": [2.0]}}})
     spec = validate(SweepSpec, {**base, "grid": {

@@ -111,8 +111,8 @@ class Grid(CheckedModel):
                       if not issubclass(METHODS.get(c.method), StructuredMethod)]
             if others:
                 raise ValueError(f"latency_speedup targets need channel methods; "
-                                 f"{', '.join(others)} remove no channels (give them their own "
-                                 "sweep, or a speedup target)")
+                                 f"{', '.join(others)} remove{'s' if len(others) == 1 else ''} "
+                                 "no channels (give them their own sweep, or a speedup target)")
         return self
 
     @field_validator("methods", mode="before")
