@@ -78,17 +78,15 @@ class LayerShape:
         return counts
 
 
-def layer_shapes(model: nn.Module, example: torch.Tensor,
-                 original: Widths | None = None) -> dict[str, LayerShape]:
-    """The shape of every Conv/Linear layer of ``model`` on ``example`` (grouped, non-depthwise
-    convolutions are left out: their time is scaled from the others'). ``original`` gives the
-    channel counts before earlier removals (the grid's upper ends); default: today's."""
+def layer_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, LayerShape]:
+    """The shape of every Conv/Linear layer of ``model`` on ``example``. Grouped convolutions
+    that are not depthwise are left out: they are not timed, and not in the prediction."""
     found: dict[str, LayerShape] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def record(module: nn.Module, inputs: tuple, _output) -> None:
         name = names[module]
-        cin, cout = (original or {}).get(name, _channels(module))
+        cin, cout = _channels(module)
         size = tuple(inputs[0].shape[2:]) if not isinstance(module, nn.Linear) else \
             tuple(inputs[0].shape[1:-1])
         if isinstance(module, nn.Linear):
