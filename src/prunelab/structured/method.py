@@ -281,9 +281,7 @@ def _plan(groups: list[ChannelGroup], scores: list[torch.Tensor], ratio: float, 
     by their mean; it keeps at least one block.
     """
     blocks = blocks or [1] * len(groups)
-    units = [s.view(-1, b).mean(1) if b > 1 else s for s, b in zip(scores, blocks, strict=True)]
-
-
+    units = [_units(s, b, comparable=True) for s, b in zip(scores, blocks, strict=True)]
     plan: Plan = {}
     shared: list[int] = []
     for i, group in enumerate(groups):
