@@ -18,6 +18,7 @@ target.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import platform
 import tempfile
 import time
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from torch import nn
 from prunelab.errors import InvalidValueError
 from prunelab.structured.graph import ROOT_TYPES, ChannelGroup
 from prunelab.targets import solve_ratio
+from prunelab.utils import progress_enabled
 
 Widths = dict[str, tuple[int, int]]  # layer name -> (input channels, output channels)
 Plan = dict[str, list[int]]
@@ -135,8 +137,7 @@ class LatencyTable:
 
     def __init__(self, shapes: dict[str, LayerShape], steps: dict[str, tuple[int, int]], *,
                  batch_size: int, backend: str = "torch", precision: str = "fp32",
-                 cache_dir: str | Path | None = None, repeats: int = 10,
-                 progress: Callable[[str], None] | None = None):
+                 cache_dir: str | Path | None = None, repeats: int = 10):
         self.shapes, self.batch_size = shapes, batch_size
         self.backend, self.precision, self.repeats = backend, precision, repeats
         self.path = Path(cache_dir or _default_cache()) / _cache_name(
@@ -145,10 +146,10 @@ class LatencyTable:
         self._keys = {name: f"{shape.key}|{list(steps[name])}" for name, shape in shapes.items()}
         missing = {self._keys[name]: (shape, steps[name]) for name, shape in shapes.items()
                    if self._keys[name] not in self.grids}
-        for i, (key, (shape, step)) in enumerate(missing.items()):
-            if progress is not None:
-                progress(f"timing layer shape {i + 1}/{len(missing)} on {backend}")
-            self.grids[key] = self._measure(shape, step)
+        with _bar(f"latency table ({backend}, batch {batch_size})", len(missing)) as advance:
+            for key, (shape, step) in missing.items():
+                self.grids[key] = self._measure(shape, step)
+                advance()
         if OVERHEAD not in self.grids:
             self.grids[OVERHEAD] = {"ms": self._time(_PROBE, 1, 1)}
             missing[OVERHEAD] = (_PROBE, (1, 1))
@@ -204,6 +205,22 @@ class LatencyTable:
 #: taken off every layer's time.
 OVERHEAD = "per-call overhead"
 _PROBE = LayerShape("linear", 1, 1, (), (), (), (), ())
+
+
+@contextlib.contextmanager
+def _bar(description: str, total: int) -> Iterator[Callable[[], None]]:
+    """A progress bar over ``total`` layer shapes on an interactive terminal (else nothing);
+    yields the function that advances it."""
+    if not total or not progress_enabled():
+        yield lambda: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total} layer shapes"), TimeElapsedColumn(),
+                  transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
 
 
 def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
