@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -99,8 +100,12 @@ print(default, faults())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_latency_runs_without_page_faults_once_the_allocator_is_steady() -> None:
+    # glibc adapts its mmap threshold as blocks are freed, so an unconfigured process may start
+    # in either state; a fixed threshold (its default value, set explicitly) puts it in the
+    # faulting one, which steady_allocator must then leave.
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072"}
     out = subprocess.run([sys.executable, "-c", STEADY_CHECK], capture_output=True, text=True,
-                         timeout=120, check=True).stdout.splitlines()
+                         timeout=120, check=True, env=env).stdout.splitlines()
     default, steady = map(float, out[1].split())
     assert out[0].startswith("glibc")
     assert default > 1000 and steady < default / 20, (default, steady)
