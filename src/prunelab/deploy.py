@@ -14,13 +14,12 @@ float tolerance (else :class:`~prunelab.errors.PrunelabError`), bf16 reports its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
+from prunelab.utils import torch_threads
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: Which package each runtime backend needs, and the extra that installs it.
@@ -161,27 +161,18 @@ def _build(backend: str, plain: nn.Module, x: torch.Tensor, precision: str, step
         return _openvino(plain, x, precision, options["ir_path"], steps, threads)
     if threads is None:
         return _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
-    with _torch_threads(threads):
+    with torch_threads(threads):
         deployed = _torch(plain, x, precision, options["sparse"], options["repeats"], steps)
     serve = deployed.run
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
-        with _torch_threads(threads):
+        with torch_threads(threads):
             return serve(inputs)
 
     deployed.run = run
     deployed.steps.append(f"{threads} torch thread{'s' if threads > 1 else ''} per call")
     return deployed
 
-
-@contextlib.contextmanager
-def _torch_threads(threads: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _error(deployed: Deployed, x: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

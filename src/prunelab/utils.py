@@ -53,6 +53,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch intra-op threads, restoring the process's setting after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch so the same seed gives the same numbers."""
     import random

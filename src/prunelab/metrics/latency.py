@@ -18,7 +18,7 @@ from torch import nn
 from prunelab.errors import InvalidValueError
 from prunelab.metrics.flops import as_inputs
 from prunelab.sparsity import make_permanent, masked_modules
-from prunelab.utils import eval_mode
+from prunelab.utils import eval_mode, torch_threads
 
 
 @dataclass(frozen=True)
@@ -87,20 +87,15 @@ def measure_latency(
     if masked_modules(model):
         model = make_permanent(copy.deepcopy(model))
     inputs = as_inputs(example_input)
-    old_threads = torch.get_num_threads()
-    threads = threads or old_threads
-    torch.set_num_threads(threads)
+    threads = threads or torch.get_num_threads()
     times: list[float] = []
-    try:
-        with eval_mode(model), torch.inference_mode():
-            for _ in range(warmup):
-                model(*inputs)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(*inputs)
-                times.append((time.perf_counter() - start) * 1e3)
-    finally:
-        torch.set_num_threads(old_threads)
+    with torch_threads(threads), eval_mode(model), torch.inference_mode():
+        for _ in range(warmup):
+            model(*inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            times.append((time.perf_counter() - start) * 1e3)
     deciles = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
     return Latency(
         median_ms=statistics.median(times),
