@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -108,3 +110,32 @@ def test_cli_export_writes_a_checked_onnx_file(tmp_path, capsys) -> None:
     assert exit_info.value.code in (0, None)
     assert "max |output - original output|" in capsys.readouterr().out
     assert (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("hidden", ["onnx", "onnxruntime"])
+def test_a_missing_onnx_extra_is_one_clear_error(resnet, tmp_path, monkeypatch, capsys,
+                                                 hidden) -> None:
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.cli import main
+
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if the package were not installed
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path))
+    hint = r"pip install 'prunelab\[onnx\]'"
+    with pytest.raises(PrunelabError, match=hint):
+        deploy(resnet, X, backend="onnxruntime")
+    with pytest.raises(PrunelabError, match=hint):
+        prunelab.prune(resnet, "l2-channel", latency_speedup=1.5, example_input=X,
+                       backend="onnxruntime")
+    if hidden == "onnx":
+        with pytest.raises(PrunelabError, match=r"exporting to ONNX needs onnx.*" + hint):
+            prunelab.export_onnx(resnet, tmp_path / "m.onnx", X[:1])
+        assert not (tmp_path / "m.onnx").exists()
+    deployed = deploy(resnet, X, backend="auto", repeats=2)  # auto leaves onnxruntime out
+    assert "onnxruntime" not in next(s for s in deployed.steps if "chosen" in s)
+    model = prunelab.models.create("lenet-5")
+    save_checkpoint(tmp_path / "m.pt", model, model_name="lenet-5")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx")])
+    assert exit_info.value.code == 2
+    assert "prunelab[onnx]" in capsys.readouterr().err

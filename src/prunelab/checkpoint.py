@@ -208,11 +208,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     """Export ``model`` to ONNX (masks baked in first) with a dynamic batch dimension.
 
     The input is named ``input`` and the output ``output``; check the result with onnxruntime.
+    Needs the ``onnx`` package (``pip install 'prunelab[onnx]'``).
     """
     import copy
     import warnings
 
     from prunelab.sparsity import make_permanent, masked_modules
+    from prunelab.utils import require
+
+    require("exporting to ONNX", ("onnx",), "onnx")
 
     if masked_modules(model):
         model = make_permanent(copy.deepcopy(model))

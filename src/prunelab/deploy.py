@@ -30,12 +30,12 @@ from torch import nn
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
-from prunelab.utils import torch_threads
+from prunelab.utils import require, torch_threads
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: Which package each runtime backend needs, and the extra that installs it.
-_PACKAGES = {"onnxruntime": ("onnxruntime", "prunelab"),
-             "openvino": ("openvino", "prunelab[openvino]")}
+_PACKAGES = {"onnxruntime": (("onnx", "onnxruntime"), "onnx"),
+             "openvino": (("onnx", "openvino"), "openvino")}  # it converts the ONNX export
 PRECISIONS = ("fp32", "bf16")
 #: Linear layers denser than this are never tried as sparse (CSR only wins far below).
 SPARSE_MAX_DENSITY = 0.5
@@ -112,7 +112,7 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
         raise InvalidValueError(f"threads must be a positive whole number (or None for the "
                                 f"runtime's default), got {threads!r}")
     if backend != "auto":
-        _require(backend)
+        require_backend(backend)
     steady_allocator()
     with torch.inference_mode():
         reference = model.eval()(example_input).float()
@@ -132,21 +132,15 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
     return deployed
 
 
-def _require(backend: str) -> None:
+def require_backend(backend: str) -> None:
     """One clear error when a runtime backend's package is not installed."""
-    if backend not in _PACKAGES:
-        return
-    package, extra = _PACKAGES[backend]
-    try:
-        __import__(package)
-    except ImportError as exc:
-        raise PrunelabError(f"the {backend} backend needs the {package} package: "
-                            f"pip install '{extra}'") from exc
+    if backend in _PACKAGES:
+        require(f"the {backend} backend", *_PACKAGES[backend])
 
 
 def _installed(backend: str) -> bool:
     try:
-        _require(backend)
+        require_backend(backend)
     except PrunelabError:
         return False
     return True
@@ -379,7 +373,7 @@ def compile_openvino(model: Any, precision: str = "fp32", threads: int | None = 
 
     On a CPU without bf16 support OpenVINO runs f32 whatever the hint; the steps say which ran.
     """
-    _require("openvino")
+    require("the openvino backend", ("openvino",), "openvino")
     if precision not in PRECISIONS:
         raise InvalidValueError(f"precision must be one of {', '.join(PRECISIONS)}, "
                                 f"got {precision!r}")

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from prunelab.errors import InvalidValueError
+from prunelab.errors import InvalidValueError, PrunelabError
+
+
+def require(what: str, packages: tuple[str, ...], extra: str) -> None:
+    """One clear error naming the pip extra to install when ``what`` needs an optional package
+    that is missing (checked without importing it)."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PrunelabError(f"{what} needs {' and '.join(missing)}, which is not installed: "
+                            f"pip install 'prunelab[{extra}]'")
 
 
 def model_device(model: nn.Module) -> torch.device:

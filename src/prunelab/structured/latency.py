@@ -281,12 +281,13 @@ class LatencyTarget:
     def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
                  blocks: list[int], multiples: list[int], done: dict[str, int], backend: str,
                  precision: str, cache_dir: str | Path | None = None):
-        from prunelab.deploy import BACKENDS, PRECISIONS
+        from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
 
         if backend not in BACKENDS or precision not in PRECISIONS:
             raise InvalidValueError(
                 f"a latency target is measured on a backend ({', '.join(BACKENDS)}) in a "
                 f"precision ({', '.join(PRECISIONS)}); got {backend!r}, {precision!r}")
+        require_backend(backend)
         self.groups, self.blocks = groups, blocks
         self.steps = [b if b > 1 else m for b, m in zip(blocks, multiples, strict=True)]
         now = layer_shapes(model, example)
