@@ -78,3 +78,10 @@ def test_the_site_builds_in_strict_mode(tmp_path) -> None:
                            capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     assert (tmp_path / "site" / "api" / "index.html").is_file()
+    from prunelab.methods import METHODS
+
+    for name in METHODS:  # a page per method, generated from the registry (scripts/docs_hooks.py)
+        page = (tmp_path / "site" / "methods" / name / "index.html").read_text()
+        assert f"<code>{name}</code>" in page and "How it decides" in page
+    sparsegpt = (tmp_path / "site" / "methods" / "sparsegpt" / "index.html").read_text()
+    assert "layerwise solver" in sparsegpt and "<code>input_blocks</code>" in sparsegpt

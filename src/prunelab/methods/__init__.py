@@ -30,15 +30,20 @@ def methods_markdown() -> str:
         "",
     ]
     for name, cls in METHODS.items():
-        doc = inspect.cleandoc(cls.__doc__ or "")
-        lines += [f"## `{name}`", "", f"*Granularity:* {cls.granularity}. "
-                  f"*Needs data:* {'yes' if cls.needs_data else 'no'}.", "", doc, ""]
-        options = cls.option_table()
-        if options:
-            lines += ["| option | type | default |", "| --- | --- | --- |"]
-            lines += [f"| `{o}` | {_cell(t)} | {_cell(repr(d))} |" for o, t, d in options]
-            lines.append("")
+        lines += [f"## `{name}`", "", *method_section(cls)]
     return "\n".join(lines)
+
+
+def method_section(cls: type[Method]) -> list[str]:
+    """A method's reference text: granularity, data needs, docstring and options table."""
+    lines = [f"*Granularity:* {cls.granularity}. *Needs data:* "
+             f"{'yes' if cls.needs_data else 'no'}.", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+    options = cls.option_table()
+    if options:
+        lines += ["| option | type | default |", "| --- | --- | --- |"]
+        lines += [f"| `{o}` | {_cell(t)} | {_cell(repr(d))} |" for o, t, d in options]
+        lines.append("")
+    return lines
 
 
 def _cell(text: str) -> str:
@@ -50,6 +55,7 @@ __all__ = [
     "LayerSelection",
     "Method",
     "UnstructuredMethod",
+    "method_section",
     "methods_markdown",
     "register_method",
 ]
