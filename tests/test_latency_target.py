@@ -16,7 +16,7 @@ from torch import nn
 import prunelab
 from prunelab.errors import InvalidValueError
 from prunelab.structured.graph import structure_of
-from prunelab.structured.latency import OVERHEAD, LatencyTable, LayerShape, layer_shapes
+from prunelab.structured.latency import _PROBE, OVERHEAD, LatencyTable, LayerShape, layer_shapes
 
 X = torch.randn(4, 3, 32, 32)
 
@@ -176,3 +176,55 @@ def test_latency_targets_in_a_sweep(timed_as, tmp_path) -> None:
         row = next(r for r in store.rows() if r["method"] != "dense")
     assert row["target_kind"] == "latency_speedup" and row["target_value"] == 1.5
     assert row["theoretical_speedup"] > 1.3  # channels went (FLOPs are not the target here)
+
+
+def test_autoslim_priced_by_macs_finds_what_its_macs_search_finds(timed_as) -> None:
+    from prunelab import slim
+
+    timed_as(lambda s, cin, cout: 0.0 if s.key == _PROBE.key else macs(s, cin, cout))
+    net = slim.convert(prunelab.models.create("resnet20"), width_range=(0.25, 1.0))
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    by_macs = slim.autoslim(net, data, speedup=[1.5, 3.0], step=0.5)
+    by_latency = slim.autoslim(net, data, latency_speedup=[1.5, 3.0], step=0.5)
+    assert by_latency == by_macs
+
+
+def test_autoslim_meets_a_latency_budget_as_the_exported_model_is_priced(timed_as) -> None:
+    """A depthwise net whose 8x8 layers cost ten times their multiply-adds: the found widths meet
+    the budget under that cost, recomputed here from the exported plain model's own layers."""
+    from prunelab import slim
+
+    def cost(s: LayerShape, cin: int, cout: int) -> float:
+        return 0.0 if s.key == _PROBE.key else \
+            macs(s, cin, cout) * (10 if s.input_size == (8, 8) else 1)
+
+    timed_as(cost)
+    net = slim.convert(prunelab.models.create("mobilenetv2-cifar"), width_range=(0.5, 1.0))
+    data = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,)))]
+
+    def priced(model: nn.Module) -> float:
+        return sum(cost(s, s.in_channels, s.out_channels)
+                   for s in layer_shapes(model, X).values())
+
+    full = priced(slim.export(net.eval(), 1.0))
+    found = slim.autoslim(net, data, latency_speedup=1.5, step=0.5, example_input=X)
+    small = slim.export(net.eval(), found)
+    assert full / priced(small) >= 1.5
+    assert full / priced(small) != pytest.approx(
+        slim.macs(net, 1.0) / slim.macs(net, found), rel=0.02)  # not a MACs budget
+    with pytest.raises(InvalidValueError, match="one budget"):
+        slim.autoslim(net, data, speedup=1.5, latency_speedup=1.5)
+    with pytest.raises(InvalidValueError, match=r"latency_speedup 90 is out of reach.*predicted"):
+        slim.autoslim(net, data, latency_speedup=90, example_input=X)
+
+
+def test_the_autoslim_method_takes_a_latency_target(timed_as) -> None:
+    calls = timed_as(lambda s, cin, cout: 0.0 if s.key == _PROBE.key else macs(s, cin, cout))
+    model = prunelab.models.create("resnet20")
+    data = [(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))) for _ in range(3)]
+    before = conv_linear_macs(model, X)
+    prunelab.prune(model, "autoslim", latency_speedup=2.0, data=data, supernet_epochs=1,
+                   step=0.5, search_batches=1)
+    assert before / conv_linear_macs(model, X) >= 2.0  # time is MACs here
+    assert calls and {key for key, *_ in calls} - {_PROBE.key}
+    assert structure_of(model)

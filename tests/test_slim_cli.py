@@ -40,6 +40,32 @@ def test_train_search_export(tmp_path) -> None:
     assert prunelab.measure(model, x).flops // 2 == entry["macs"]
 
 
+def test_search_under_a_latency_budget(tmp_path, monkeypatch) -> None:
+    """Layer times replaced by a fake that grows with the channels (a call's overhead 0)."""
+    from prunelab.structured.latency import LatencyTable
+
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(LatencyTable, "_time", lambda self, shape, cin, cout:
+                        0.0 if shape.kind == "linear" and cin == cout == 1 else float(cin * cout))
+    net = slim.convert(prunelab.models.create("resnet20", input_shape=(1, 8, 8)),
+                       width_range=(0.25, 1.0))
+    supernet = tmp_path / "us.pt"
+    slim.save_supernet(supernet, net, model_name="resnet20",
+                       model_kwargs={"input_shape": (1, 8, 8)})
+    widths = tmp_path / "w.json"
+    result = runner.invoke(app, ["slim", "search", str(supernet), "--speedup", "1.5,3",
+                                 "--latency", "--batch-size", "4", "--out", str(widths),
+                                 "--step", "0.5", "--batches", "1", *SMALL])
+    assert result.exit_code == 0, result.output
+    assert "latency speed-up (predicted)" in result.output
+    entries = json.loads(widths.read_text())
+    assert [e["speedup"] for e in entries] == [1.5, 3.0]
+    for entry in entries:
+        assert entry["budget"] == "latency" and entry["batch_size"] == 4
+        assert entry["predicted_speedup"] >= entry["speedup"]
+    assert list((tmp_path / "cache" / "latency").glob("torch-fp32-b4-*.json"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["slim", "train", "--out", "x.pt", "--widths", "0.5,1.5"], "(0, 1]"),
     (["slim", "train", "--out", "x.pt", "--widths", "a,b"], "numbers like"),

@@ -106,37 +106,66 @@ def train(
 @slim_app.command()
 def search(
     supernet: Annotated[Path, typer.Argument(help="a US-Net saved by `prunelab slim train`")],
-    speedup: Annotated[str, typer.Option(help="MACs speed-ups, e.g. 1.5,2,3")],
+    speedup: Annotated[str, typer.Option(help="speed-ups, e.g. 1.5,2,3 (of MACs, or of "
+                                              "latency with --latency)")],
     out: Annotated[Path, typer.Option(help="JSON file for the per-layer widths found")],
     dataset: Annotated[str, typer.Option(help="dataset (its validation split is used)")] =
         "cifar10",
     step: Annotated[float, typer.Option(help="shrink step, a fraction of a group")] = 0.1,
     batches: Annotated[int, typer.Option(help="validation batches of 256 per evaluation")] = 4,
+    latency: Annotated[bool, typer.Option(help="budgets of latency, predicted from every layer "
+                                               "timed on --backend (cached per machine)")] = False,
+    backend: Annotated[str, typer.Option(help="torch, onnxruntime or openvino")] = "torch",
+    precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    batch_size: Annotated[int, typer.Option(help="the batch size latency is timed at")] = 64,
     data_dir: DataDir = None,
     limit: Limit = None,
 ) -> None:
-    """AutoSlim: greedy per-layer channel counts under MACs budgets, on validation data."""
+    """AutoSlim: greedy per-layer channel counts under MACs (or latency) budgets, on
+    validation data."""
+    import torch
+
     from prunelab import slim
     from prunelab.cli import console
+    from prunelab.slim.autoslim import latency_cost
 
     net, _ = slim.load_supernet(supernet)
     bundle = _bundle(dataset, data_dir, limit)
     if not bundle.sizes["val"]:
         raise InvalidValueError(f"{dataset} has no validation split to search on")
     speedups = _numbers(speedup, "--speedup")
-    configs = slim.autoslim(net, bundle.loader("val", 256), speedup=speedups, step=step,
-                            limit=batches)
-    full = slim.macs(net, slim.spec_of(net).max_width)
+    if batch_size < 1:
+        raise InvalidValueError(f"--batch-size must be at least 1, got {batch_size}")
+    spec = slim.spec_of(net)
+    budget: dict[str, Any] = {"speedup": speedups}
+    if latency:
+        example = torch.zeros(batch_size, *spec.input_shape)
+        budget = {"latency_speedup": speedups, "example_input": example, "backend": backend,
+                  "precision": precision}
+    configs = slim.autoslim(net, bundle.loader("val", 256), step=step, limit=batches, **budget)
+    full = slim.macs(net, spec.max_width)
     found = [{"speedup": s, "macs": slim.macs(net, c), "width": c}
              for s, c in zip(speedups, configs, strict=True)]
+    table = Table(title="AutoSlim")
+    columns = ["speed-up asked", "MACs", "MACs speed-up", "channels"]
+    if latency:
+        predict = latency_cost(net, example, backend, precision)
+        top = predict(spec.max_width)
+        for row in found:
+            row |= {"budget": "latency", "backend": backend, "precision": precision,
+                    "batch_size": batch_size, "predicted_ms": predict(row["width"]),
+                    "predicted_speedup": top / predict(row["width"])}
+        columns.insert(3, "latency speed-up (predicted)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(found, indent=1))
-    table = Table(title="AutoSlim")
-    for column in ("speed-up asked", "MACs", "speed-up", "channels"):
+    for column in columns:
         table.add_column(column, justify="right")
     for row in found:
-        table.add_row(f"{row['speedup']:g}", f"{row['macs']:,}", f"{full / row['macs']:.2f}",
-                      " ".join(str(k) for k in row["width"].values()))
+        cells = [f"{row['speedup']:g}", f"{row['macs']:,}", f"{full / row['macs']:.2f}",
+                 " ".join(str(k) for k in row["width"].values())]
+        if latency:
+            cells.insert(3, f"{row['predicted_speedup']:.2f}")
+        table.add_row(*cells)
     console.print(table)
     console.print(f"widths: {out}")
 

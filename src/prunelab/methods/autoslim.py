@@ -20,18 +20,20 @@ from prunelab.utils import iter_batches
 @register_method("autoslim")
 @dataclass
 class AutoSlimPruning(StructuredMethod):
-    """AutoSlim (Yu & Huang 2019): greedy channel counts on a US-Net, under a MACs budget.
+    """AutoSlim (Yu & Huang 2019): greedy channel counts on a US-Net, under a MACs or latency
+    budget.
 
     The model becomes a US-Net (widths ``min_width`` to 1, shared weights), trained as one for
     ``supernet_epochs`` passes over ``data`` (the sandwich rule with ``sandwich`` widths per
     step and inplace distillation, SGD at ``lr``), except the last ``search_batches`` batches,
     which are held out: each round shrinks the channel group (by ``step`` of its channels) whose
-    shrinking costs the least accuracy on them, until the MACs meet the ``speedup`` target.
+    shrinking costs the least accuracy on them, until the MACs meet the ``speedup`` target (or
+    the latency predicted from layers timed on ``backend`` meets a ``latency_speedup``).
     The found channels are then removed from the model, which takes the supernet's weights for
     them (BatchNorm calibrated on the training batches); a scratch recovery trains the found
-    architecture from scratch as the paper does. Only ``target="speedup"`` is accepted; with the
-    sweep's few calibration batches this is a small-budget version of the paper's long supernet
-    training (raise ``calibration_batches``). See docs/slimmable.md.
+    architecture from scratch as the paper does. Only a speedup or latency target is accepted;
+    with the sweep's few calibration batches this is a small-budget version of the paper's long
+    supernet training (raise ``calibration_batches``). See docs/slimmable.md.
     """
 
     needs_data: ClassVar[bool] = True
@@ -45,15 +47,15 @@ class AutoSlimPruning(StructuredMethod):
 
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
-              target: str = "sparsity", example_input: torch.Tensor | None = None
-              ) -> nn.Module:
+              target: str = "sparsity", example_input: torch.Tensor | None = None,
+              backend: str = "torch", precision: str = "fp32") -> nn.Module:
         from prunelab import slim
         from prunelab.training import TrainRecipe
 
-        if target != "speedup":
+        if target not in ("speedup", "latency"):
             raise InvalidValueError(
-                "autoslim searches under a MACs budget: give the target as a speedup "
-                f"(target='speedup'), not {target!r}")
+                "autoslim searches under a MACs or latency budget: give the target as a speedup "
+                f"or a latency_speedup, not {target!r}")
         if data is None:
             raise InvalidValueError("autoslim needs data: pass data=<iterable of batches>")
         batches = [(x, y) for x, y in iter_batches(data, model)]
@@ -69,7 +71,10 @@ class AutoSlimPruning(StructuredMethod):
                              lr=self.lr, weight_decay=1e-4, schedule="cosine",
                              channels_last=False)
         slim.train(net, train, recipe, sandwich=self.sandwich, quiet=True)
-        found = slim.autoslim(net, held_out, speedup=sparsity, step=self.step)
+        budget = {"speedup": sparsity} if target == "speedup" else {
+            "latency_speedup": sparsity, "example_input": example, "backend": backend,
+            "precision": precision}
+        found = slim.autoslim(net, held_out, step=self.step, **budget)
         slim.calibrate_bn(net, found, train)
         small = slim.export(net.eval(), found)
         spec = slim.spec_of(net)

@@ -193,6 +193,21 @@ class SlimSpec:
             total += per_channel * out * per_group
         return total
 
+    def layer_widths(self, width: Width) -> dict[str, tuple[int, int]]:
+        """``{layer: (input channels, output channels)}`` of every Conv/Linear at ``width``
+        (a depthwise convolution's inputs are its outputs); what a latency table prices."""
+        masks = self.masks(width)
+        widths = {}
+        for name, (_, out, per_group) in self.costs.items():
+            if name in self.outs:
+                out = count(self.outs[name].active(masks), out)
+            if name in self.depthwise:
+                per_group = out
+            elif name in self.ins:
+                per_group = count(self.ins[name].active(masks), per_group)
+            widths[name] = (per_group, out)
+        return widths
+
     def choice(self, width: float) -> int | None:
         """The position of ``width`` in an S-Net's list (its switchable BatchNorm)."""
         for i, w in enumerate(self.widths or ()):
