@@ -246,3 +246,31 @@ def test_slimmable_method_trains_a_supernet_and_exports_the_widest_width_meeting
                        data=[(X, Y)])
     with pytest.raises(InvalidValueError, match="prunes a supernet"):
         prunelab.prune(Small(), "slimmable", speedup=2.0, data=[(X, Y)])
+
+
+def test_slimmable_method_ablations_shared_bn_and_no_calibration() -> None:
+    from prunelab.methods import METHODS
+    from prunelab.training import train
+
+    naive = METHODS.get("slimmable").create(widths=[0.5, 1.0], switchable_bn=False)
+    net = naive.training_model(Small(), X[:1])
+    assert not any(isinstance(m, slim.layers.SwitchableBatchNorm) for m in net.modules())
+    snet = METHODS.get("slimmable").create(widths=[0.5, 1.0]).training_model(Small(), X[:1])
+    assert any(isinstance(m, slim.layers.SwitchableBatchNorm) for m in snet.modules())
+
+    torch.manual_seed(0)
+    method = METHODS.get("slimmable").create(min_width=0.25)
+    net = method.training_model(Small(), X[:1])
+    train(net, [(X, Y)] * 3, plain_sgd(), callbacks=method.training_callbacks(), quiet=True)
+    shifted = [(X * 3 + 1, Y)]  # calibration data with other statistics than training's
+    kept = METHODS.get("slimmable").create(min_width=0.25, calibrate_bn=False)
+    calibrated = prunelab.prune(copy.deepcopy(net), "slimmable", speedup=2.0, data=shifted)
+    uncalibrated = prunelab.prune(copy.deepcopy(net), kept, speedup=2.0, data=shifted)
+    width = calibrated.bn.num_features
+    assert uncalibrated.bn.num_features == width
+    torch.testing.assert_close(uncalibrated.bn.running_mean, net.bn.running_mean[:width])
+    assert not torch.allclose(calibrated.bn.running_mean, uncalibrated.bn.running_mean)
+    with pytest.raises(InvalidValueError, match="S-Net ablation"):
+        METHODS.get("slimmable").create(switchable_bn=False)
+    with pytest.raises(InvalidValueError, match="US-Net ablation"):
+        METHODS.get("slimmable").create(widths=[0.5, 1.0], calibrate_bn=False)

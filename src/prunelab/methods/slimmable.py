@@ -33,7 +33,11 @@ class SlimmableWidth(Method):
     of its list), recalibrates BatchNorm there on the calibration batches (US-Net), and exports
     a plain, physically narrow model that equals the supernet at that width. With
     ``recovery: none`` that is the slimmable network's own accuracy; ``scratch-e`` trains the
-    same architecture individually, the paper's comparison. See docs/slimmable.md.
+    same architecture individually, the paper's comparison. The papers' ablations are options:
+    ``switchable_bn: false`` gives an S-Net one BatchNorm shared by all widths (the naive
+    baseline), ``calibrate_bn: false`` exports a US-Net width with its training BatchNorm
+    statistics instead of recalibrating them, ``sandwich`` and ``inplace_distillation`` switch
+    the US-Net training rules. See docs/slimmable.md.
     """
 
     granularity: ClassVar[str] = "width"
@@ -42,14 +46,26 @@ class SlimmableWidth(Method):
     widths: list[float] | None = None
     sandwich: int = 4
     inplace_distillation: bool = True
+    switchable_bn: bool = True
+    calibrate_bn: bool = True
     round_to: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.switchable_bn and self.widths is None:
+            raise InvalidValueError(
+                "switchable_bn: false is the S-Net ablation (one BatchNorm for all widths): give "
+                "widths too; a US-Net always shares its BatchNorm and calibrates it per width")
+        if not self.calibrate_bn and self.widths is not None:
+            raise InvalidValueError(
+                "calibrate_bn: false is the US-Net ablation; an S-Net keeps private BatchNorm "
+                "statistics per width and needs no calibration")
 
     def training_model(self, model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
         from prunelab import slim
 
         if self.widths is not None:
             return slim.convert(model, widths=self.widths, round_to=self.round_to,
-                                example_input=example)
+                                switchable_bn=self.switchable_bn, example_input=example)
         return slim.convert(model, width_range=(self.min_width, 1.0), round_to=self.round_to,
                             example_input=example)
 
@@ -83,7 +99,7 @@ class SlimmableWidth(Method):
             total = sum(g.size for g in spec.groups)
             reached = lambda w: 1 - sum(spec.counts(w)) / total >= sparsity  # noqa: E731
         chosen = self._widest(spec, reached, target, sparsity)
-        if spec.universal and data is not None:
+        if spec.universal and self.calibrate_bn and data is not None:
             slim.calibrate_bn(model, chosen, data)
         small = slim.export(model.eval(), chosen)
         _restore(model, small)
