@@ -87,11 +87,13 @@ class StructuredMethod(Method):
         example_input: torch.Tensor | None = None,
         backend: str = "torch",
         precision: str = "fp32",
+        latency_refine: int = 2,
     ) -> nn.Module:
         """Remove channels: ``sparsity`` is the fraction of channels, or with ``target`` set to
         ``compression``/``speedup`` the parameter or FLOPs reduction factor to reach, or with
         ``latency`` the speed-up predicted by layer latencies measured on ``backend`` in
-        ``precision`` at the example input's batch size (:mod:`prunelab.structured.latency`).
+        ``precision`` at the example input's batch size (:mod:`prunelab.structured.latency`),
+        corrected by ``latency_refine`` measurements of the whole deployed model.
 
         Targets are relative to the model before its first removal (recorded on the model), so
         calling ``prune`` again with a higher target prunes on to it rather than compounding;
@@ -157,17 +159,24 @@ class StructuredMethod(Method):
                     "layer_sparsity overrides fix some layers' ratios, a latency target lets "
                     "the measured times decide them: give one or the other")
             latency = LatencyTarget(model, example, groups, blocks, multiples, done, backend,
-                                    precision)
-            if scope == "global":
-                units = [_units(s, b, self.comparable_across_layers)
-                         for s, b in zip(scores, blocks, strict=True)]
-                counts = latency.greedy(units, sparsity)
-                plan = _symmetric({g.root: _expand(u.argsort(stable=True)[:n // b].tolist(), b)
+                                    precision, refine=latency_refine)
+            units = [_units(s, b, self.comparable_across_layers)
+                     for s, b in zip(scores, blocks, strict=True)]
+
+            def plan_at(speedup: float) -> Plan:
+                if scope != "global":
+                    return plan_for(latency.solve_ratio(plan_for, speedup))
+                counts = latency.greedy(units, speedup)
+                return _symmetric({g.root: _expand(u.argsort(stable=True)[:n // b].tolist(), b)
                                    for g, u, n, b in zip(groups, units, counts, blocks,
                                                          strict=True) if n},
                                   groups, scores)
-            else:
-                ratio = latency.solve_ratio(plan_for, sparsity)
+
+            def measure(trial: Plan) -> float:
+                pruned = _pruned_copy(model, trial, example, ignored) if trial else model
+                return latency.table.time_model(pruned, example)
+
+            plan = latency.refined(plan_at, sparsity, measure)
         elif target != "sparsity":
             dense = reference[_KEYS[target]]
             if dense is None:
@@ -189,7 +198,7 @@ class StructuredMethod(Method):
                 raise InvalidValueError(
                     f"{exc}; {said} keeps channel counts on multiples and small layers whole, "
                     "round_to=1 reaches further") from None
-        if latency is None or scope != "global":
+        if latency is None:
             plan = plan_for(ratio)
         self._report(groups, plan, done)
         if not any(plan.values()) and done:
