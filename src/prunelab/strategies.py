@@ -81,13 +81,22 @@ def strategies_markdown(title: str, registry: Registry) -> list[str]:
     """A docs section: each registered strategy with its docstring and options."""
     lines = [f"# {title}", ""]
     for name, cls in registry.items():
-        lines += [f"## `{name}`", "", inspect.cleandoc(cls.__doc__ or ""), ""]
-        options = cls.option_table()
-        if options:
-            lines += ["| option | type | default |", "| --- | --- | --- |"]
-            lines += [f"| `{o}` | `{t}` | `{d!r}` |" for o, t, d in options]
-            lines.append("")
+        lines += [f"## `{name}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
+                  *options_markdown(cls.option_table())]
     return lines
+
+
+def options_markdown(options: list[tuple[str, str, Any]]) -> list[str]:
+    """A markdown table of ``(name, type, default)`` options (nothing when there are none)."""
+    if not options:
+        return []
+    rows = [f"| `{o}` | {_cell(t)} | {_cell(repr(d))} |" for o, t, d in options]
+    return ["| option | type | default |", "| --- | --- | --- |", *rows, ""]
+
+
+def _cell(text: str) -> str:
+    """Code text for a markdown table cell (pipes escaped)."""
+    return "`" + text.replace("|", "\\|") + "`"
 
 
 def _type_name(annotation: Any) -> str:

@@ -15,6 +15,7 @@ from prunelab.methods.base import (
     UnstructuredMethod,
     register_method,
 )
+from prunelab.strategies import options_markdown
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -38,17 +39,8 @@ def method_section(cls: type[Method]) -> list[str]:
     """A method's reference text: granularity, data needs, docstring and options table."""
     lines = [f"*Granularity:* {cls.granularity}. *Needs data:* "
              f"{'yes' if cls.needs_data else 'no'}.", "", inspect.cleandoc(cls.__doc__ or ""), ""]
-    options = cls.option_table()
-    if options:
-        lines += ["| option | type | default |", "| --- | --- | --- |"]
-        lines += [f"| `{o}` | {_cell(t)} | {_cell(repr(d))} |" for o, t, d in options]
-        lines.append("")
-    return lines
+    return lines + options_markdown(cls.option_table())
 
-
-def _cell(text: str) -> str:
-    """Code text for a markdown table cell (pipes escaped)."""
-    return "`" + text.replace("|", "\\|") + "`"
 
 __all__ = [
     "METHODS",
