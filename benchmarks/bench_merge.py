@@ -29,8 +29,8 @@ FINETUNE = TrainRecipe(epochs=1, batch_size=128, lr=0.01, weight_decay=1e-4, sch
 VARIANTS = {
     "merge": ("merge", {}),
     "same neurons, no folding": ("merge", {"compensate": False}),
-    "l2-channel": ("l2-channel", {}),
-    "random": ("random-channel", {}),
+    "l2-channel": ("l2-channel", {"round_to": 1}),  # exact counts, as merge removes
+    "random": ("random-channel", {"round_to": 1}),
 }
 
 
@@ -51,7 +51,7 @@ def one_seed(seed: int, bundle, dense_epochs: int, ratio: float) -> list[dict]:
     for label, (method, options) in VARIANTS.items():
         pruned = copy.deepcopy(model)
         if method == "random-channel":
-            options = {"seed": seed}
+            options = {**options, "seed": seed}
         prunelab.prune(pruned, method, ratio, scope="layer", data=calibration, **options)
         hidden = pruned[1].out_features + pruned[3].out_features
         after = error(pruned, bundle)
