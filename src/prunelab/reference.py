@@ -45,7 +45,9 @@ def _method_page(name: str, cls: type[Method]) -> str:
 
 
 def _how(cls: type[Method]) -> str:
-    """The survey's *how* axis, read from what the class implements."""
+    """The survey's *how* axis: the class's own word, else read from what it implements."""
+    if cls.decides:
+        return cls.decides
     if issubclass(cls, ReconstructionMethod):
         return "a layerwise solver that removes weights and rewrites the kept ones"
     if cls.training_callbacks is not Method.training_callbacks:

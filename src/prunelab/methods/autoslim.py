@@ -39,6 +39,9 @@ class AutoSlimPruning(StructuredMethod):
     """
 
     needs_data: ClassVar[bool] = True
+    decides: ClassVar[str] = ("a greedy search on a slimmable supernet it trains: the channel "
+                              "group whose shrinking costs the least held-out accuracy goes "
+                              "first")
     round_to: int | None = 1  # the supernet's widths: give a multiple to search on multiples
     min_width: float = 0.25
     supernet_epochs: int = 1

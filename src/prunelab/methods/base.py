@@ -76,6 +76,9 @@ class Method:
     name: ClassVar[str] = ""
     granularity: ClassVar[str] = "unstructured"
     needs_data: ClassVar[bool] = False
+    #: How the method decides what goes, when the class alone does not say it (the docs'
+    #: *how* axis: scores, a solver, learned during training).
+    decides: ClassVar[str] = ""
 
     @classmethod
     def create(cls, **options: Any) -> Method:

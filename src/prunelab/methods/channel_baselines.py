@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -17,6 +18,8 @@ from prunelab.structured.scores import filter_norms
 @dataclass
 class RandomChannelPruning(StructuredMethod):
     """Random channel pruning: the structured control (uniform scores, ``seed`` fixes them)."""
+
+    decides: ClassVar[str] = "chance: uniform random channel scores (a control)"
 
     seed: int = 0
 

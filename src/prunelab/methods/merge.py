@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -114,6 +115,10 @@ class NeuronMerging(StructuredMethod):
     constant channel's contribution position-dependent). ``compensate=False`` removes the same
     neurons without folding anything (the control).
     """
+
+    decides: ClassVar[str] = ("calibration statistics: a neuron explained by a constant or by "
+                              "a surviving neuron goes, folded into the next layer (weights "
+                              "rewritten)")
 
     needs_data = True
     round_to: int | None = 1  # a neuron goes when it is redundant, not to fill a vector

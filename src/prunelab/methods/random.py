@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,6 +20,8 @@ class RandomPruning(UnstructuredMethod):
 
     ``seed`` fixes the draw, so the same seed prunes the same weights.
     """
+
+    decides: ClassVar[str] = "chance: uniform random scores (a control, not a criterion)"
 
     seed: int = 0
 
