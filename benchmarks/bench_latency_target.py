@@ -3,12 +3,10 @@
 For each model, backend and batch size: prune copies of the dense model with ``l2-channel`` (its
 default rounding) to a FLOPs speed-up (``speedup=``) and to a latency speed-up
 (``latency_speedup=``, predicted from a per-layer table measured on the backend at that batch
-size: with the table alone, ``latency_refine=0``, and with the default two rounds of whole-model
-measurements correcting it), deploy the dense and each pruned model on the backend, and time
-dense and pruned alternately, round by round. Reported: the theoretical (FLOPs) speed-up, the
-predicted one (the refined prediction where there is one), the measured one,
-measured/theoretical and measured/target, and the time pruning took (the latency table's
-measurement included, unless it came from the cache).
+size), deploy the dense and each pruned model on the backend, and time dense and pruned
+alternately, round by round. Reported: the theoretical (FLOPs) speed-up, the predicted one, the
+measured one, measured/theoretical and measured/target, and the time pruning took (the latency
+table's measurement included, unless it came from the cache).
 """
 
 from __future__ import annotations
@@ -28,9 +26,6 @@ from prunelab.metrics import measure
 from prunelab.structured.graph import structure_of
 
 from common import median, report, timed
-
-#: FLOPs target; latency target from the layer table alone; and corrected by whole-model timings.
-VARIANTS = {"speedup": {}, "latency (table)": {"latency_refine": 0}, "latency (refined)": {}}
 
 
 def alternate(dense, pruned, x: torch.Tensor, rounds: int) -> tuple[float, float, float]:
@@ -70,10 +65,8 @@ def main() -> None:
                 served_dense = deploy(dense, x, backend=backend, sparse=False,
                                       threads=args.threads)
                 for target in args.targets:
-                    for label, options in VARIANTS.items():
-                        kind = "speedup" if label == "speedup" else "latency_speedup"
-                        if kind == "latency_speedup":
-                            options = {**options, "backend": backend}
+                    for kind in ("speedup", "latency_speedup"):
+                        options = {"backend": backend} if kind == "latency_speedup" else {}
                         start = time.perf_counter()
                         try:
                             pruned = prunelab.prune(copy.deepcopy(dense), "l2-channel",
@@ -81,19 +74,18 @@ def main() -> None:
                                                     **options)
                         except prunelab.errors.InvalidValueError as exc:
                             rows.append({"model": name, "backend": backend, "batch": batch,
-                                         "target": f"{label} {target:g}", "error": str(exc)})
+                                         "target": f"{kind} {target:g}", "error": str(exc)})
                             print(rows[-1], flush=True)
                             continue
                         prune_s = time.perf_counter() - start
                         theory = measure(dense, x[:1]).flops / measure(pruned, x[:1]).flops
-                        record = structure_of(pruned)[-1].get("latency", {})
-                        predicted = record.get("refined_speedup",
-                                               record.get("predicted_speedup"))
+                        predicted = structure_of(pruned)[-1].get("latency", {}).get(
+                            "predicted_speedup")
                         served = deploy(pruned, x, backend=backend, threads=args.threads)
                         dense_ms, pruned_ms, speedup = alternate(served_dense, served, x,
                                                                  args.rounds)
                         rows.append({"model": name, "backend": backend, "batch": batch,
-                                     "target": f"{label} {target:g}",
+                                     "target": f"{kind} {target:g}",
                                      "theoretical_speedup": theory,
                                      "predicted_speedup": predicted,
                                      "dense_ms": dense_ms, "pruned_ms": pruned_ms,

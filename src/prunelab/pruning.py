@@ -26,7 +26,6 @@ def prune(
     latency_speedup: float | None = None,
     backend: str = "torch",
     precision: str = "fp32",
-    latency_refine: int = 2,
     example_input: torch.Tensor | None = None,
     include: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
@@ -55,9 +54,6 @@ def prune(
             where they save the most time per unit of importance (NetAdapt/HALP style); the
             table is measured once per machine and cached (:mod:`prunelab.structured.latency`).
         backend, precision: where a ``latency_speedup`` is measured.
-        latency_refine: rounds of timing the whole deployed model (as it is, then with each
-            plan) that correct the layer table's prediction (a fit measured = a + b x
-            predicted), so the speed-up asked is the measured one; 0 trusts the table alone.
         example_input: an input batch for methods that trace or measure the model (structured
             methods, ``speedup``); by default the first batch of ``data`` or zeros of the zoo
             model's ``input_shape``.
@@ -103,8 +99,7 @@ def prune(
                 f"a latency_speedup needs a channel method (channels removed for real, chosen "
                 f"by their scores); {method.name!r} is not one. Use a channel method "
                 "(prunelab methods), or a speedup (FLOPs) target")
-        measured_on = {"backend": backend, "precision": precision,
-                       "latency_refine": latency_refine}
+        measured_on = {"backend": backend, "precision": precision}
     selection = LayerSelection(
         include=tuple(include) if include is not None else None,
         exclude=tuple(exclude),

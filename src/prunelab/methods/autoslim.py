@@ -28,9 +28,7 @@ class AutoSlimPruning(StructuredMethod):
     step and inplace distillation, SGD at ``lr``), except the last ``search_batches`` batches,
     which are held out: each round shrinks the channel group (by ``step`` of its channels) whose
     shrinking costs the least accuracy on them, until the MACs meet the ``speedup`` target (or
-    the latency predicted from layers timed on ``backend`` meets a ``latency_speedup``; the
-    prediction is the layer table's, without the whole-model refinement of the channel methods,
-    so ``latency_refine`` has no effect).
+    the latency predicted from layers timed on ``backend`` meets a ``latency_speedup``).
     The found channels are then removed from the model, which takes the supernet's weights for
     them (BatchNorm calibrated on the training batches); a scratch recovery trains the found
     architecture from scratch as the paper does. Only a speedup or latency target is accepted;
@@ -53,8 +51,7 @@ class AutoSlimPruning(StructuredMethod):
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
               target: str = "sparsity", example_input: torch.Tensor | None = None,
-              backend: str = "torch", precision: str = "fp32", latency_refine: int = 0
-              ) -> nn.Module:
+              backend: str = "torch", precision: str = "fp32") -> nn.Module:
         from prunelab import slim
         from prunelab.training import TrainRecipe
 

@@ -166,20 +166,15 @@ class LatencyTable:
         return {"cin": cins, "cout": couts, "ms": grid}
 
     def _time(self, shape: LayerShape, cin: int, cout: int) -> float:
+        from prunelab.deploy import deploy
+
         layer = shape.module(cin, cout).eval()
         x = torch.randn(self.batch_size, *shape.input_size, cin) if shape.kind == "linear" else \
             torch.randn(self.batch_size, cin, *shape.input_size)
-        return self.time_model(layer, x)
-
-    def time_model(self, model: nn.Module, x: torch.Tensor) -> float:
-        """Milliseconds of one call of ``model`` on ``x``, deployed on the table's backend in
-        its precision: the fastest of the repeats (other processes only ever add time)."""
-        from prunelab.deploy import deploy
-
         with tempfile.TemporaryDirectory(prefix="prunelab-latency-") as folder:
-            served = deploy(model.eval(), x, backend=self.backend, precision=self.precision,
+            served = deploy(layer, x, backend=self.backend, precision=self.precision,
                             sparse=False, repeats=3, threads=torch.get_num_threads(),
-                            onnx_path=Path(folder) / "model.onnx")  # loaded, then removed
+                            onnx_path=Path(folder) / "layer.onnx")  # loaded, then removed
         with torch.inference_mode():
             for _ in range(3):
                 served(x)
@@ -188,7 +183,7 @@ class LatencyTable:
                 start = time.perf_counter()
                 served(x)
                 times.append((time.perf_counter() - start) * 1e3)
-        return min(times)
+        return min(times)  # other processes only ever add time: the fastest call is the layer's
 
     def layer_ms(self, name: str, cin: int, cout: int) -> float:
         """The interpolated time of layer ``name`` with ``cin`` inputs and ``cout`` outputs."""
@@ -285,7 +280,7 @@ class LatencyTarget:
 
     def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
                  blocks: list[int], multiples: list[int], done: dict[str, int], backend: str,
-                 precision: str, cache_dir: str | Path | None = None, refine: int = 2):
+                 precision: str, cache_dir: str | Path | None = None):
         from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
 
         if backend not in BACKENDS or precision not in PRECISIONS:
@@ -293,10 +288,6 @@ class LatencyTarget:
                 f"a latency target is measured on a backend ({', '.join(BACKENDS)}) in a "
                 f"precision ({', '.join(PRECISIONS)}); got {backend!r}, {precision!r}")
         require_backend(backend)
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise InvalidValueError(f"latency_refine is a number of whole-model measurements "
-                                    f">= 0 (0: the layer table alone), got {refine!r}")
-        self.refine, self.measured, self.fit = refine, [], None
         self.groups, self.blocks = groups, blocks
         self.steps = [b if b > 1 else m for b, m in zip(blocks, multiples, strict=True)]
         now = layer_shapes(model, example)
@@ -315,39 +306,6 @@ class LatencyTarget:
         self.table = LatencyTable(shapes, steps, batch_size=int(example.shape[0]),
                                   backend=backend, precision=precision, cache_dir=cache_dir)
         self.reference_ms = self.table.predict(self.original)
-        self.current_ms = self.table.predict(self.widths)
-
-    def refined(self, plan_at: Callable[[float], Plan], speedup: float,
-                measure: Callable[[Plan], float]) -> Plan:
-        """The plan for a *measured* ``speedup``: ``plan_at(s)`` plans a speed-up ``s`` of the
-        table's prediction; each of ``refine`` rounds measures the whole model deployed with
-        the latest plan (``measure``), fits measured = a + b x predicted through the last two
-        measurements (the first is the model as it is), and plans again for the predicted time
-        the fit says gives the measured speed-up. What a table of layers timed alone misses
-        (work that does not shrink with the channels, a runtime fusing or overlapping layers)
-        is then in ``a`` and ``b``."""
-        plan = plan_at(speedup)
-        if not self.refine:
-            return plan
-        self.measured = [(self.current_ms, measure({}))]
-        for _ in range(self.refine):
-            self.measured.append((self.predicted_ms(plan), measure(plan)))
-            (p0, t0), (p1, t1) = self.measured[-2:]
-            if abs(p0 - p1) <= 1e-9 * max(p0, p1) or (t0 - t1) / (p0 - p1) <= 0:
-                break  # the same prediction twice, or noise hid the gain: keep the last plan
-            b = (t0 - t1) / (p0 - p1)
-            a = t0 - b * p0
-            self.fit = (a, b)
-            original = a + b * self.reference_ms
-            goal = (original / speedup - a) / b
-            if goal <= 0:
-                raise InvalidValueError(
-                    f"the latency target is out of reach: measured whole-model times on "
-                    f"{self.table.backend} fit {a:.3g} ms + {b:.3g} x the layer table, so even "
-                    f"layers that took no time would give {original / max(a, 1e-9):.3g}x at "
-                    "most. Ask for less, or use a larger batch")
-            plan = plan_at(self.reference_ms / goal)
-        return plan
 
     def greedy(self, units: list[torch.Tensor], speedup: float) -> list[int]:
         """Channels each group loses to reach ``speedup`` (see :func:`greedy_plan`)."""
@@ -367,20 +325,12 @@ class LatencyTarget:
     def record(self, plan: Plan) -> dict:
         """What the structure history keeps about this target."""
         predicted = self.predicted_ms(plan)
-        record = {"backend": self.table.backend, "precision": self.table.precision,
-                  "batch_size": self.table.batch_size,
-                  "predicted_ms_original": round(self.reference_ms, 4),
-                  "predicted_ms": round(predicted, 4),
-                  "predicted_speedup": round(self.reference_ms / predicted, 4),
-                  "table": str(self.table.path)}
-        if self.measured:
-            record["measured"] = [{"predicted_ms": round(p, 4), "measured_ms": round(t, 4)}
-                                  for p, t in self.measured]
-        if self.fit is not None:
-            a, b = self.fit
-            record["fit"] = {"a_ms": round(a, 4), "b": round(b, 4)}
-            record["refined_speedup"] = round((a + b * self.reference_ms) / (a + b * predicted), 4)
-        return record
+        return {"backend": self.table.backend, "precision": self.table.precision,
+                "batch_size": self.table.batch_size,
+                "predicted_ms_original": round(self.reference_ms, 4),
+                "predicted_ms": round(predicted, 4),
+                "predicted_speedup": round(self.reference_ms / predicted, 4),
+                "table": str(self.table.path)}
 
 
 @dataclass

@@ -87,13 +87,11 @@ class StructuredMethod(Method):
         example_input: torch.Tensor | None = None,
         backend: str = "torch",
         precision: str = "fp32",
-        latency_refine: int = 2,
     ) -> nn.Module:
         """Remove channels: ``sparsity`` is the fraction of channels, or with ``target`` set to
         ``compression``/``speedup`` the parameter or FLOPs reduction factor to reach, or with
         ``latency`` the speed-up predicted by layer latencies measured on ``backend`` in
-        ``precision`` at the example input's batch size (:mod:`prunelab.structured.latency`),
-        corrected by ``latency_refine`` measurements of the whole deployed model.
+        ``precision`` at the example input's batch size (:mod:`prunelab.structured.latency`).
 
         Targets are relative to the model before its first removal (recorded on the model), so
         calling ``prune`` again with a higher target prunes on to it rather than compounding;
@@ -159,24 +157,17 @@ class StructuredMethod(Method):
                     "layer_sparsity overrides fix some layers' ratios, a latency target lets "
                     "the measured times decide them: give one or the other")
             latency = LatencyTarget(model, example, groups, blocks, multiples, done, backend,
-                                    precision, refine=latency_refine)
-            units = [_units(s, b, self.comparable_across_layers)
-                     for s, b in zip(scores, blocks, strict=True)]
-
-            def plan_at(speedup: float) -> Plan:
-                if scope != "global":
-                    return plan_for(latency.solve_ratio(plan_for, speedup))
-                counts = latency.greedy(units, speedup)
-                return _symmetric({g.root: _expand(u.argsort(stable=True)[:n // b].tolist(), b)
+                                    precision)
+            if scope == "global":
+                units = [_units(s, b, self.comparable_across_layers)
+                         for s, b in zip(scores, blocks, strict=True)]
+                counts = latency.greedy(units, sparsity)
+                plan = _symmetric({g.root: _expand(u.argsort(stable=True)[:n // b].tolist(), b)
                                    for g, u, n, b in zip(groups, units, counts, blocks,
                                                          strict=True) if n},
                                   groups, scores)
-
-            def measure(trial: Plan) -> float:
-                pruned = _pruned_copy(model, trial, example, ignored) if trial else model
-                return latency.table.time_model(pruned, example)
-
-            plan = latency.refined(plan_at, sparsity, measure)
+            else:
+                ratio = latency.solve_ratio(plan_for, sparsity)
         elif target != "sparsity":
             dense = reference[_KEYS[target]]
             if dense is None:
@@ -198,7 +189,7 @@ class StructuredMethod(Method):
                 raise InvalidValueError(
                     f"{exc}; {said} keeps channel counts on multiples and small layers whole, "
                     "round_to=1 reaches further") from None
-        if latency is None:
+        if latency is None or scope != "global":
             plan = plan_for(ratio)
         self._report(groups, plan, done)
         if not any(plan.values()) and done:
