@@ -85,3 +85,33 @@ def test_the_site_builds_in_strict_mode(tmp_path) -> None:
         assert f"<code>{name}</code>" in page and "How it decides" in page
     sparsegpt = (tmp_path / "site" / "methods" / "sparsegpt" / "index.html").read_text()
     assert "layerwise solver" in sparsegpt and "<code>input_blocks</code>" in sparsegpt
+
+
+def test_every_method_pages_example_call_runs() -> None:
+    """The call each generated method page shows works as written (merge, which only folds
+    neurons read by a Linear layer, on an MLP)."""
+    import re
+    import warnings
+
+    import torch
+
+    import prunelab
+    from prunelab.reference import method_pages
+
+    images = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(3)]
+    digits = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
+    calls = 0
+    for path, text in method_pages().items():
+        call = re.search(r"prunelab\.prune\(model, (.*)\)\n", text)
+        if call is None:
+            assert "runs through the harness" in text, path
+            continue
+        mlp = "merge" in path
+        model = prunelab.models.create("lenet-300-100", input_shape=(1, 8, 8)) if mlp else \
+            prunelab.models.create("resnet20", width=0.5, input_shape=(3, 16, 16))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eval(f"prunelab.prune(model, {call.group(1)})",
+                 {"prunelab": prunelab, "model": model, "batches": digits if mlp else images})
+        calls += 1
+    assert calls >= 15

@@ -9,6 +9,7 @@ from prunelab.methods.base import ReconstructionMethod
 from prunelab.recoveries import RECOVERIES
 from prunelab.schedules import SCHEDULES
 from prunelab.strategies import strategies_markdown
+from prunelab.structured import StructuredMethod
 
 STRATEGIES = (("Schedules (when to prune)", SCHEDULES),
               ("Recoveries (after pruning)", RECOVERIES))
@@ -35,7 +36,8 @@ def _method_page(name: str, cls: type[Method]) -> str:
                f"([Learned sparsity](../learned.md), [Slimmable networks](../slimmable.md))."]
     else:
         data = ", data=batches" if cls.needs_data else ""
-        use = ["```python", f'prunelab.prune(model, "{name}", sparsity=0.5{data})', "```", "",
+        target = "speedup=2.0" if issubclass(cls, StructuredMethod) else "sparsity=0.5"
+        use = ["```python", f'prunelab.prune(model, "{name}", {target}{data})', "```", "",
                f"From the command line: `prunelab run --method {name}`; in a sweep spec: "
                f"`methods: [{name}]`."]
     lines = [f"# `{name}`", "", f"*How it decides:* {_how(cls)}. The other methods: "

@@ -119,9 +119,8 @@ def latency_cost(net: nn.Module, example: torch.Tensor, backend: str = "torch",
                  precision: str = "fp32", cache_dir: str | Path | None = None
                  ) -> Callable[[Width], float]:
     """The predicted milliseconds of ``net``'s Conv/Linear layers at a width (uniform or per
-    layer), from a
-    :class:`~prunelab.structured.latency.LatencyTable` of its layers (up to its largest width)
-    timed on ``backend`` at ``example``'s batch size."""
+    layer), from a :class:`~prunelab.structured.latency.LatencyTable` of its layers (up to its
+    largest width) timed on ``backend`` at ``example``'s batch size."""
     from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
     from prunelab.structured.latency import LatencyTable, layer_shapes
 
