@@ -228,3 +228,27 @@ def test_the_autoslim_method_takes_a_latency_target(timed_as) -> None:
     assert before / conv_linear_macs(model, X) >= 2.0  # time is MACs here
     assert calls and {key for key, *_ in calls} - {_PROBE.key}
     assert structure_of(model)
+
+
+def test_every_channel_method_takes_a_latency_target(timed_as) -> None:
+    """Each registered channel method either reaches a latency target or refuses it with a
+    prunelab error (never a TypeError from a ``prune`` override missing a keyword)."""
+    from prunelab.methods import METHODS
+    from prunelab.structured import StructuredMethod
+
+    timed_as(macs)
+    data = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    reached = []
+    for name, cls in METHODS.items():
+        if not issubclass(cls, StructuredMethod):
+            continue
+        model = prunelab.models.create("resnet20")
+        try:
+            prunelab.prune(model, name, latency_speedup=1.3, example_input=X, data=data)
+        except prunelab.errors.PrunelabError:
+            continue
+        reached.append(name)
+        if name == "autoslim":  # searched on its supernet: checked in the AutoSlim tests
+            continue
+        assert structure_of(model)[-1]["latency"]["predicted_speedup"] >= 1.3, name
+    assert {"l2-channel", "l1-filter", "taylor-channel", "autoslim"} <= set(reached)
