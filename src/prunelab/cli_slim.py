@@ -152,9 +152,9 @@ def search(
         predict = latency_cost(net, example, backend, precision)
         top = predict(spec.max_width)
         for row in found:
+            ms = predict(row["width"])
             row |= {"budget": "latency", "backend": backend, "precision": precision,
-                    "batch_size": batch_size, "predicted_ms": predict(row["width"]),
-                    "predicted_speedup": top / predict(row["width"])}
+                    "batch_size": batch_size, "predicted_ms": ms, "predicted_speedup": top / ms}
         columns.insert(3, "latency speed-up (predicted)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(found, indent=1))

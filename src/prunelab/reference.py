@@ -29,7 +29,7 @@ def method_pages() -> dict[str, str]:
 
 
 def _method_page(name: str, cls: type[Method]) -> str:
-    if cls.training_callbacks is not Method.training_callbacks:
+    if _learned(cls):
         use = [f"It acts while the model trains, so it runs through the harness, which trains the "
                f"dense model with the method's `training_callbacks()` and then prunes: "
                f"`prunelab run --method {name}`, or `methods: [{name}]` in a sweep spec "
@@ -52,9 +52,14 @@ def _how(cls: type[Method]) -> str:
         return cls.decides
     if issubclass(cls, ReconstructionMethod):
         return "a layerwise solver that removes weights and rewrites the kept ones"
-    if cls.training_callbacks is not Method.training_callbacks:
+    if _learned(cls):
         return ("learned while the model trains (it adds training callbacks: a penalty, gates or "
                 "a supernet), then pruned")
     if cls.needs_data:
         return "a score computed from the weights and calibration data; the lowest go"
     return "a score computed from the weights alone; the lowest go"
+
+
+def _learned(cls: type[Method]) -> bool:
+    """Whether the method acts while the model trains (it contributes training callbacks)."""
+    return cls.training_callbacks is not Method.training_callbacks

@@ -121,14 +121,9 @@ def latency_cost(net: nn.Module, example: torch.Tensor, backend: str = "torch",
     """The predicted milliseconds of ``net``'s Conv/Linear layers at a width (uniform or per
     layer), from a :class:`~prunelab.structured.latency.LatencyTable` of its layers (up to its
     largest width) timed on ``backend`` at ``example``'s batch size."""
-    from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
-    from prunelab.structured.latency import LatencyTable, layer_shapes
+    from prunelab.structured.latency import LatencyTable, check_backend, layer_shapes
 
-    if backend not in BACKENDS or precision not in PRECISIONS:
-        raise InvalidValueError(
-            f"a latency budget is measured on a backend ({', '.join(BACKENDS)}) in a "
-            f"precision ({', '.join(PRECISIONS)}); got {backend!r}, {precision!r}")
-    require_backend(backend)
+    check_backend(backend, precision, "a latency budget")
     spec = spec_of(net)
     with width(net, spec.max_width):
         shapes = layer_shapes(net, example)

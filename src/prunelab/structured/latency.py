@@ -274,6 +274,18 @@ def _save(path: Path, grids: dict) -> None:
     partial.replace(path)
 
 
+def check_backend(backend: str, precision: str, what: str) -> None:
+    """Refuse a ``what`` (a latency target or budget) on an unknown backend or precision, or on
+    a backend whose package is not installed, before anything is timed."""
+    from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
+
+    if backend not in BACKENDS or precision not in PRECISIONS:
+        raise InvalidValueError(
+            f"{what} is measured on a backend ({', '.join(BACKENDS)}) in a precision "
+            f"({', '.join(PRECISIONS)}); got {backend!r}, {precision!r}")
+    require_backend(backend)
+
+
 class LatencyTarget:
     """A latency speed-up target of one structured ``prune`` call: the model's timed layers,
     which of them each channel group shrinks, and the table of their measured times."""
@@ -281,13 +293,7 @@ class LatencyTarget:
     def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[ChannelGroup],
                  blocks: list[int], multiples: list[int], done: dict[str, int], backend: str,
                  precision: str, cache_dir: str | Path | None = None):
-        from prunelab.deploy import BACKENDS, PRECISIONS, require_backend
-
-        if backend not in BACKENDS or precision not in PRECISIONS:
-            raise InvalidValueError(
-                f"a latency target is measured on a backend ({', '.join(BACKENDS)}) in a "
-                f"precision ({', '.join(PRECISIONS)}); got {backend!r}, {precision!r}")
-        require_backend(backend)
+        check_backend(backend, precision, "a latency target")
         self.groups, self.blocks = groups, blocks
         self.steps = [b if b > 1 else m for b, m in zip(blocks, multiples, strict=True)]
         now = layer_shapes(model, example)
