@@ -227,7 +227,17 @@ def test_the_autoslim_method_takes_a_latency_target(timed_as) -> None:
                    step=0.5, search_batches=1)
     assert before / conv_linear_macs(model, X) >= 2.0  # time is MACs here
     assert calls and {key for key, *_ in calls} - {_PROBE.key}
-    assert structure_of(model)
+    [step] = structure_of(model)
+    assert step["reference"]["params"] == sum(p.numel() for p in
+                                              prunelab.models.create("resnet20").parameters())
+    assert step["round_to"] == 1
+    # the prediction recorded is the search's own: layer time is MACs here, so it is the
+    # layers' MACs ratio, and it meets the budget
+    predicted = step["latency"]
+    assert predicted["predicted_speedup"] >= 2.0
+    assert predicted["predicted_speedup"] == pytest.approx(
+        before / conv_linear_macs(model, X), rel=1e-3)
+    assert (predicted["backend"], predicted["batch_size"]) == ("torch", 1)  # one input of data
 
 
 def test_every_channel_method_takes_a_latency_target(timed_as) -> None:

@@ -59,6 +59,21 @@ def test_bf16_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights() 
     assert "precision" not in RECIPE.model_dump() and bf16.model_dump()["precision"] == "bf16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(monkeypatch, native) -> None:
+    """Emulated bf16 is ~12x slower than fp32 (ResNet-20 on an AVX2 CPU): say so, once."""
+    import warnings
+
+    monkeypatch.setattr("prunelab.utils.cpu_has_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(mlp(), blobs(), TrainRecipe(epochs=1, precision="bf16"), quiet=True)
+        train(mlp(), blobs(), TrainRecipe(epochs=1), quiet=True)
+    said = [str(w.message) for w in caught if "bf16 instructions" in str(w.message)]
+    assert len(said) == (0 if native else 1)
+    assert native or "use precision='fp32'" in said[0]
+
+
 def test_lr_schedules() -> None:
     step = TrainRecipe(lr=1.0, schedule="step", milestones=[0.5, 0.75], gamma=0.1)
     assert [step.lr_factor(s, 100) for s in (0, 49, 50, 75, 99)] == pytest.approx(

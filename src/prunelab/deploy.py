@@ -30,7 +30,7 @@ from torch import nn
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
-from prunelab.utils import require, torch_threads
+from prunelab.utils import require, torch_threads, warn_if_emulated_bf16
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: Which package each runtime backend needs, and the extra that installs it.
@@ -243,6 +243,7 @@ def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
 def _torch(model: nn.Module, x: torch.Tensor, precision: str, sparse: bool, repeats: int,
            steps: list[str]) -> Deployed:
     if precision == "bf16":
+        warn_if_emulated_bf16(x.device, "the torch backend")
         model = model.to(torch.bfloat16)
         steps.append("weights in bfloat16 (inputs cast on the way in, outputs back to float32)")
         if sparse:

@@ -13,7 +13,8 @@ from prunelab.checkpoint import load_state_dict
 from prunelab.errors import InvalidValueError
 from prunelab.methods.base import ALL_LAYERS, LayerSelection, register_method
 from prunelab.structured import StructuredMethod
-from prunelab.structured.graph import apply_plan, as_example
+from prunelab.structured.graph import apply_plan, as_example, structure_of
+from prunelab.structured.method import original_size
 from prunelab.utils import iter_batches
 
 
@@ -53,6 +54,7 @@ class AutoSlimPruning(StructuredMethod):
               target: str = "sparsity", example_input: torch.Tensor | None = None,
               backend: str = "torch", precision: str = "fp32") -> nn.Module:
         from prunelab import slim
+        from prunelab.slim.autoslim import latency_cost
         from prunelab.training import TrainRecipe
 
         if target not in ("speedup", "latency"):
@@ -84,6 +86,16 @@ class AutoSlimPruning(StructuredMethod):
         masks = spec.masks(found)
         plan = {g.root: (~mask).nonzero().flatten().tolist()
                 for g, mask in zip(spec.groups, masks, strict=True) if not bool(mask.all())}
+        steps, reference = len(structure_of(model)), original_size(model, example)
         apply_plan(model, plan, example)
         load_state_dict(model, small.state_dict())
+        predicted = None
+        if target == "latency":  # the table the search used, read back from its cache
+            cost = latency_cost(net, example, backend, precision)
+            full, now = cost(spec.max_width), cost(found)
+            predicted = {"backend": backend, "precision": precision,
+                         "batch_size": int(example.shape[0]),
+                         "predicted_ms_original": round(full, 4), "predicted_ms": round(now, 4),
+                         "predicted_speedup": round(full / now, 4)}
+        self._record(model, steps, reference, self.round_to or 1, predicted)
         return model

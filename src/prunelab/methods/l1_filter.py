@@ -52,7 +52,7 @@ class L1FilterPruning(StructuredMethod):
     paper, channels tied across a residual addition are left alone (only the first conv of each
     ResNet block is pruned). ``preset`` applies the paper's per-layer ratios: ``resnet56-a``,
     ``resnet56-b`` (skipping the sensitive layers) or ``vgg16-a``; with a preset the target is
-    ignored.
+    ignored and the counts are the paper's exact ones unless ``round_to`` is given.
     """
 
     preset: str | None = None
@@ -63,6 +63,8 @@ class L1FilterPruning(StructuredMethod):
             raise InvalidValueError(
                 f"unknown l1-filter preset {self.preset!r}; presets: {', '.join(PRESETS)}"
             )
+        if self.preset is not None and self.round_to is None:
+            self.round_to = 1  # the paper's architecture, on every machine (not its multiple)
 
     def accepts(self, group: ChannelGroup) -> bool:
         return not group.coupled

@@ -148,7 +148,7 @@ class StructuredMethod(Method):
                         if w and g.root in plan}
             return _symmetric(rounded, groups, scores)
 
-        reference = _reference(model, example)
+        reference = original_size(model, example)
         ratio = sparsity
         latency = None
         if target == "latency":
@@ -197,21 +197,32 @@ class StructuredMethod(Method):
                           "beyond: nothing more is removed", stacklevel=3)
         before = copy.deepcopy(model) if _overrides(self, "reconstruct") else None
         self.reconstruct(model, groups, plan, data)
-        history = structure_of(model)
+        steps = len(structure_of(model))
         try:
             apply_plan(model, plan, example, ignored)
         except InvalidValueError:
             if before is not None:
                 _restore(model, before)  # undo the reconstruction too
             raise
-        if not history and structure_of(model):
-            structure_of(model)[0]["reference"] = reference
-        if len(structure_of(model)) > len(history):  # this call removed channels
-            structure_of(model)[-1]["round_to"] = (self.round_to if self.round_to is not None
-                                                    else f"auto({machine})")
-            if latency is not None:
-                structure_of(model)[-1]["latency"] = latency.record(plan)
+        self._record(model, steps, reference,
+                     self.round_to if self.round_to is not None else f"auto({machine})",
+                     None if latency is None else latency.record(plan))
         return model
+
+    @staticmethod
+    def _record(model: nn.Module, steps: int, reference: dict, round_to: int | str,
+                latency: dict | None) -> None:
+        """Note a call's removal (if it removed anything: the history grew past ``steps``) in
+        the model's structure history: the original size on the first removal, the rounding
+        and, for a latency target, the predicted latencies."""
+        history = structure_of(model)
+        if len(history) <= steps:
+            return
+        if steps == 0:
+            history[0]["reference"] = reference
+        history[-1]["round_to"] = round_to
+        if latency is not None:
+            history[-1]["latency"] = latency
 
     def _report(self, groups: list[ChannelGroup], plan: Plan, done: dict[str, int]) -> None:
         """Warn when the method left groups alone, with what the plan reaches overall."""
@@ -372,7 +383,7 @@ def _size(model: nn.Module, example: torch.Tensor, target: str) -> float:
 _KEYS = {"compression": "params", "speedup": "flops"}
 
 
-def _reference(model: nn.Module, example: torch.Tensor) -> dict:
+def original_size(model: nn.Module, example: torch.Tensor) -> dict:
     """Parameters and FLOPs of the model before its first removal: recorded then, measured now
     for an unpruned model. The recorded FLOPs hold for the recorded input shape only (None
     for another one)."""

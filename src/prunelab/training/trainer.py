@@ -20,7 +20,13 @@ from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoin
 from prunelab.errors import CheckpointError, InvalidValueError, TrainingDivergedError
 from prunelab.metrics.accuracy import evaluate, task_loss
 from prunelab.training.recipe import TrainRecipe
-from prunelab.utils import check_input, input_errors, progress_enabled, uses_convolutions
+from prunelab.utils import (
+    check_input,
+    input_errors,
+    progress_enabled,
+    uses_convolutions,
+    warn_if_emulated_bf16,
+)
 
 
 @dataclass
@@ -149,8 +155,10 @@ def train(
 
     started = time.perf_counter()
     start_step = state.step
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if recipe.precision == "bf16" else _FP32)
+    autocast = _FP32
+    if recipe.precision == "bf16":
+        warn_if_emulated_bf16(device, "training")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     for callback in callbacks:
         callback.on_train_begin(state)
     progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
