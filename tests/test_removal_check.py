@@ -135,9 +135,10 @@ def test_repeated_targets_are_relative_to_the_original_model() -> None:
     torch.manual_seed(0)
     model = prunelab.models.create("resnet20").eval()
     dense = count_parameters(model)[0]
-    prunelab.prune(model, "l2-channel", compression=1.5)
-    prunelab.prune(model, "l2-channel", compression=2.0)
-    assert dense / count_parameters(model)[0] == pytest.approx(2.0, rel=0.05)
+    # exact counts: with the automatic multiple the overshoot depends on the machine's
+    prunelab.prune(model, "l2-channel", compression=1.5, round_to=1)
+    prunelab.prune(model, "l2-channel", compression=2.0, round_to=1)
+    assert dense / count_parameters(model)[0] == pytest.approx(2.0, rel=0.02)
     assert structure_of(model)[0]["reference"]["params"] == dense
 
 
@@ -217,9 +218,9 @@ def test_a_reloaded_model_keeps_its_reference_for_later_targets(tmp_path) -> Non
     torch.manual_seed(0)
     model = prunelab.models.create("resnet20").eval()
     dense = count_parameters(model)[0]
-    prunelab.prune(model, "l2-channel", compression=1.5)
+    prunelab.prune(model, "l2-channel", compression=1.5, round_to=1)
     prunelab.save_checkpoint(tmp_path / "a.pt", model, model_name="resnet20")
     loaded, _ = prunelab.load_checkpoint(tmp_path / "a.pt")
     assert structure_of(loaded)[0]["reference"]["params"] == dense
-    prunelab.prune(loaded, "l2-channel", compression=2.0)
-    assert dense / count_parameters(loaded)[0] == pytest.approx(2.0, rel=0.05)
+    prunelab.prune(loaded, "l2-channel", compression=2.0, round_to=1)
+    assert dense / count_parameters(loaded)[0] == pytest.approx(2.0, rel=0.02)

@@ -213,3 +213,33 @@ def test_checkpoint_round_trip_with_masks(tmp_path) -> None:
     assert payload["extra"]["note"] == "hi"
     x = torch.randn(5, 10)
     assert torch.equal(model(x), loaded(x))
+
+
+def test_strided_pointwise_convolutions_on_few_channels_train_in_channels_last() -> None:
+    """oneDNN (torch 2.14, AVX2 CPU) kills the process computing gradients of a 1x1 stride-2
+    convolution over < 8 input channels in channels_last; training runs it in NCHW instead.
+    On an affected CPU this test crashes without the work-around."""
+    from prunelab.training.workarounds import strided_pointwise_in_nchw
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 8, 1, stride=2), nn.Flatten(), nn.Linear(8 * 16 * 16, 2))
+    data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 2, (64,))) for _ in range(2)]
+    result = train(model, data, TrainRecipe(epochs=2, lr=0.01), quiet=True)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert len(result.history) == 2
+    assert not model[2]._forward_pre_hooks  # removed after training
+
+    seen = []
+    model[2].register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    with strided_pointwise_in_nchw(model):
+        model(x)
+    model(x)
+    assert seen == [True, False]  # NCHW inside (4 channels arrive), channels_last outside
+    wide = nn.Conv2d(8, 8, 1, stride=2).to(memory_format=torch.channels_last)
+    wide.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    with strided_pointwise_in_nchw(wide):
+        wide(torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert seen[-1] is False  # 8 channels: left in channels_last

@@ -20,6 +20,7 @@ from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoin
 from prunelab.errors import CheckpointError, InvalidValueError, TrainingDivergedError
 from prunelab.metrics.accuracy import evaluate, task_loss
 from prunelab.training.recipe import TrainRecipe
+from prunelab.training.workarounds import strided_pointwise_in_nchw
 from prunelab.utils import (
     check_input,
     input_errors,
@@ -153,101 +154,102 @@ def train(
             best_top1, best_state, result.best_epoch = payload["extra"]["best"]
             best = (float(best_top1), best_state)
 
-    started = time.perf_counter()
-    start_step = state.step
-    autocast = _FP32
-    if recipe.precision == "bf16":
-        warn_if_emulated_bf16(device, "training")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    for callback in callbacks:
-        callback.on_train_begin(state)
-    progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
-    with progress:
-        while state.epoch < recipe.epochs:
-            model.train()
-            epoch_start = time.perf_counter()
-            loss_sum = torch.zeros(())
-            samples = 0
-            progress.start_epoch(state.epoch)
-            if hasattr(train_data, "set_epoch"):  # the shuffle order depends on the epoch only
-                train_data.set_epoch(state.epoch)
-            skipped = 0
-            for x, y in train_data:
-                x, y = _to_device(x, y, device, channels_last)
-                for callback in callbacks:
-                    callback.on_step_begin(state)
-                set_lr()
-                optimizer.zero_grad(set_to_none=True)
-                norm_stats = _norm_statistics(model) if recipe.on_nonfinite == "skip" else None
-                if state.step == start_step:
-                    check_input(model, x)
-                with input_errors(model, x), autocast:
-                    logits = model(x)
-                    loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
-                if autocast is not _FP32:  # callbacks and penalties see float32
-                    logits, loss = logits.float(), loss.float()
-                state.loss, state.inputs, state.targets, state.logits = loss, x, y, logits
-                total = loss
-                for callback in callbacks:
-                    extra = callback.penalty(state)
-                    if extra is not None:
-                        total = total + extra
-                if not bool(torch.isfinite(total.detach())):
-                    _nonfinite(state, total, description, norm_stats)
-                    skipped += 1
+    with strided_pointwise_in_nchw(model, channels_last and device.type == "cpu"):
+        started = time.perf_counter()
+        start_step = state.step
+        autocast = _FP32
+        if recipe.precision == "bf16":
+            warn_if_emulated_bf16(device, "training")
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        for callback in callbacks:
+            callback.on_train_begin(state)
+        progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
+        with progress:
+            while state.epoch < recipe.epochs:
+                model.train()
+                epoch_start = time.perf_counter()
+                loss_sum = torch.zeros(())
+                samples = 0
+                progress.start_epoch(state.epoch)
+                if hasattr(train_data, "set_epoch"):  # the shuffle order depends on the epoch only
+                    train_data.set_epoch(state.epoch)
+                skipped = 0
+                for x, y in train_data:
+                    x, y = _to_device(x, y, device, channels_last)
+                    for callback in callbacks:
+                        callback.on_step_begin(state)
+                    set_lr()
+                    optimizer.zero_grad(set_to_none=True)
+                    norm_stats = _norm_statistics(model) if recipe.on_nonfinite == "skip" else None
+                    if state.step == start_step:
+                        check_input(model, x)
+                    with input_errors(model, x), autocast:
+                        logits = model(x)
+                        loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
+                    if autocast is not _FP32:  # callbacks and penalties see float32
+                        logits, loss = logits.float(), loss.float()
+                    state.loss, state.inputs, state.targets, state.logits = loss, x, y, logits
+                    total = loss
+                    for callback in callbacks:
+                        extra = callback.penalty(state)
+                        if extra is not None:
+                            total = total + extra
+                    if not bool(torch.isfinite(total.detach())):
+                        _nonfinite(state, total, description, norm_stats)
+                        skipped += 1
+                        state.step += 1
+                        for callback in callbacks:
+                            callback.on_step_end(state)
+                        progress.advance()
+                        continue
+                    total.backward()
+                    for callback in callbacks:
+                        callback.on_after_backward(state)
+                    optimizer.step()
                     state.step += 1
                     for callback in callbacks:
                         callback.on_step_end(state)
+                    loss_sum += loss.detach() * len(y)
+                    samples += len(y)
                     progress.advance()
-                    continue
-                total.backward()
+                if skipped and not samples:
+                    raise TrainingDivergedError(
+                        f"{description}: every batch of epoch {state.epoch + 1} had a non-finite "
+                        "loss (the weights themselves are probably NaN or infinite); lower the "
+                        f"learning rate (lr={recipe.lr:g})")
+                state.epoch += 1
+                metrics = {
+                    "epoch": state.epoch,
+                    "train_loss": float(loss_sum) / max(samples, 1),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - epoch_start,
+                }
+                if skipped:
+                    metrics["skipped_batches"] = skipped
+                if val_data is not None:
+                    val = evaluate(model, val_data, topk=(1,))
+                    metrics.update(val_loss=val["loss"], val_top1=val["top1"])
+                    if "perplexity" in val:
+                        metrics["val_perplexity"] = val["perplexity"]
+                    # A language model is chosen on its loss (lower is better), a classifier on
+                    # its top-1.
+                    score = -val["loss"] if "perplexity" in val else val["top1"]
+                    if keep_best and (best is None or score > best[0]):
+                        best = (score, _copy_state(model))
+                        result.best_epoch = state.epoch
+                result.history.append(metrics)
+                progress.end_epoch(metrics)
                 for callback in callbacks:
-                    callback.on_after_backward(state)
-                optimizer.step()
-                state.step += 1
-                for callback in callbacks:
-                    callback.on_step_end(state)
-                loss_sum += loss.detach() * len(y)
-                samples += len(y)
-                progress.advance()
-            if skipped and not samples:
-                raise TrainingDivergedError(
-                    f"{description}: every batch of epoch {state.epoch + 1} had a non-finite "
-                    "loss (the weights themselves are probably NaN or infinite); lower the "
-                    f"learning rate (lr={recipe.lr:g})")
-            state.epoch += 1
-            metrics = {
-                "epoch": state.epoch,
-                "train_loss": float(loss_sum) / max(samples, 1),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            if skipped:
-                metrics["skipped_batches"] = skipped
-            if val_data is not None:
-                val = evaluate(model, val_data, topk=(1,))
-                metrics.update(val_loss=val["loss"], val_top1=val["top1"])
-                if "perplexity" in val:
-                    metrics["val_perplexity"] = val["perplexity"]
-                # A language model is chosen on its loss (lower is better), a classifier on
-                # its top-1.
-                score = -val["loss"] if "perplexity" in val else val["top1"]
-                if keep_best and (best is None or score > best[0]):
-                    best = (score, _copy_state(model))
-                    result.best_epoch = state.epoch
-            result.history.append(metrics)
-            progress.end_epoch(metrics)
-            for callback in callbacks:
-                callback.on_epoch_end(state, metrics)
-            if checkpoint is not None:
-                extra = {"optimizer": optimizer.state_dict(), "epoch": state.epoch,
-                         "best": (*best, result.best_epoch) if best is not None else None}
-                save_checkpoint(checkpoint, model, extra=extra | {"history": result.history})
-    if best is not None:
-        load_state_dict(model, best[1])
-    for callback in callbacks:
-        callback.on_train_end(state)
-    result.seconds = time.perf_counter() - started
+                    callback.on_epoch_end(state, metrics)
+                if checkpoint is not None:
+                    extra = {"optimizer": optimizer.state_dict(), "epoch": state.epoch,
+                             "best": (*best, result.best_epoch) if best is not None else None}
+                    save_checkpoint(checkpoint, model, extra=extra | {"history": result.history})
+        if best is not None:
+            load_state_dict(model, best[1])
+        for callback in callbacks:
+            callback.on_train_end(state)
+        result.seconds = time.perf_counter() - started
     return result
 
 
