@@ -225,9 +225,11 @@ def test_strided_pointwise_convolutions_on_few_channels_train_in_channels_last()
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(4, 8, 1, stride=2), nn.Flatten(), nn.Linear(8 * 16 * 16, 2))
     data = [(torch.randn(64, 3, 32, 32), torch.randint(0, 2, (64,))) for _ in range(2)]
+    prunelab.prune(model, "magnitude", 0.5)  # the weight under a mask's parametrization
     result = train(model, data, TrainRecipe(epochs=2, lr=0.01), quiet=True)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(result.history) == 2
+    assert mask_sparsity(model) == pytest.approx(0.5, abs=0.01)
     assert not model[2]._forward_pre_hooks  # removed after training
 
     seen = []

@@ -34,9 +34,11 @@ def strided_pointwise_in_nchw(model: nn.Module, enabled: bool = True) -> Iterato
     if enabled:
         for module in model.modules():
             if at_risk(module):
-                # A 1x1 weight in channels_last is "contiguous" too, so only a copy restrides it.
-                module.weight.data = module.weight.data.clone(
-                    memory_format=torch.contiguous_format)
+                # The weight (under a mask's parametrization too) and its mask: a 1x1 kernel in
+                # channels_last counts as contiguous, so only a copy restrides it.
+                for tensor in (*module.parameters(), *module.buffers()):
+                    if tensor.dim() == 4:
+                        tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
                 handles.append(module.register_forward_pre_hook(_nchw_when_narrow))
     try:
         yield
