@@ -5,7 +5,9 @@ public code (namhoonlee/snip-public) trains the pruned net with SGD, momentum 0.
 learning rate 0.1 divided by 10 every 25k iterations, an L2 penalty of 0.00025·Σw² (weight decay
 5e-4), weights initialised by TensorFlow's variance scaling (truncated normal, std 1/√fan-in) and
 biases at zero. This script prunes once with prunelab's ``snip`` on one batch of 100 training
-images, then trains the sparse net from the same weights.
+images, then trains the sparse net, by default from the same weights; ``--after-pruning fresh``
+does what the public code does instead: the mask is found on one initialisation and a second,
+independent one (variance scaling, biases zero) trains under it.
 
 Candidate settings (initialisation, weight decay) are compared on seed 0's *validation* error
 (10% of the training set, as in the paper); the chosen one then runs on every seed and its test
@@ -23,12 +25,14 @@ import torch
 from torch import nn
 
 import prunelab
+from prunelab.recoveries.rewind import rewind_weights
 from prunelab.training import TrainRecipe, train
 from prunelab.utils import seed_everything
 
 from common import report
 
 PAPER_ERROR = {"lenet-300-100": 2.4, "lenet-5": 0.8}
+FRESH_SEED_OFFSET = 10_000  # the second initialisation is an independent draw
 
 
 def recipe(epochs: int, weight_decay: float, iterations_per_epoch: int) -> TrainRecipe:
@@ -55,18 +59,27 @@ def error(model: nn.Module, bundle, split: str) -> float:
     return 100.0 - prunelab.evaluate(model, bundle.loader(split, 1000), topk=(1,))["top1"]
 
 
-def one_run(seed: int, bundle, model_name: str, init: str, weight_decay: float,
-            epochs: int, sparsity: float) -> dict:
+def initialised(model_name: str, init: str, seed: int) -> nn.Module:
     seed_everything(seed)
     model = prunelab.models.create(model_name, input_shape=(1, 28, 28))
     if init == "variance-scaling":
         variance_scaling_(model)
+    return model
+
+
+def one_run(seed: int, bundle, model_name: str, init: str, weight_decay: float,
+            epochs: int, sparsity: float, after_pruning: str) -> dict:
+    model = initialised(model_name, init, seed)
     batches = bundle.loader("train", 100, shuffle=True, seed=seed)
     prunelab.prune(model, "snip", sparsity=sparsity, data=[next(iter(batches))])
+    if after_pruning == "fresh":
+        fresh = initialised(model_name, init, seed + FRESH_SEED_OFFSET)
+        rewind_weights(model, fresh.state_dict())
     steps = math.ceil(bundle.sizes["train"] / 100)
     result = train(model, batches, recipe(epochs, weight_decay, steps), quiet=True)
     return {"seed": seed, "model": model_name, "init": init, "weight_decay": weight_decay,
-            "epochs": epochs, "val_error": error(model, bundle, "val"),
+            "epochs": epochs, "after_pruning": after_pruning,
+            "val_error": error(model, bundle, "val"),
             "test_error": error(model, bundle, "test"), "minutes": result.seconds / 60}
 
 
@@ -79,19 +92,25 @@ def main() -> None:
     parser.add_argument("--inits", nargs="+", default=["torch", "variance-scaling"],
                         choices=["torch", "variance-scaling"])
     parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 5e-4])
+    parser.add_argument("--after-pruning", nargs="+", default=["same"], choices=["same", "fresh"],
+                        help="train the scored weights (same) or a second initialisation under "
+                        "the mask (fresh, as the public code); several: chosen on validation")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args()
     bundle = prunelab.data.load("mnist", val_fraction=0.1, split_seed=0)
     first, *others = args.seeds
-    candidates = [one_run(first, bundle, args.model, init, wd, args.epochs, args.sparsity)
-                  for init, wd in itertools.product(args.inits, args.weight_decays)]
+    candidates = [one_run(first, bundle, args.model, init, wd, args.epochs, args.sparsity, after)
+                  for init, wd, after in itertools.product(args.inits, args.weight_decays,
+                                                           args.after_pruning)]
     chosen = min(candidates, key=lambda r: r["val_error"])
     for row in candidates:
-        print(f"init {row['init']}, weight decay {row['weight_decay']:g}: validation error "
-              f"{row['val_error']:.2f}%{'  <- chosen' if row is chosen else ''}")
+        print(f"init {row['init']}, weight decay {row['weight_decay']:g}, after pruning "
+              f"{row['after_pruning']}: validation error {row['val_error']:.2f}%"
+              f"{'  <- chosen' if row is chosen else ''}")
     rows = [chosen] + [one_run(s, bundle, args.model, chosen["init"], chosen["weight_decay"],
-                               args.epochs, args.sparsity) for s in others]
+                               args.epochs, args.sparsity, chosen["after_pruning"])
+                       for s in others]
     summary = {key: (statistics.mean(r[key] for r in rows),
                      statistics.stdev(r[key] for r in rows) if len(rows) > 1 else 0.0)
                for key in ("val_error", "test_error")}
