@@ -40,6 +40,17 @@ def test_train_search_export(tmp_path) -> None:
     assert prunelab.measure(model, x).flops // 2 == entry["macs"]
 
 
+def test_train_a_wider_supernet(tmp_path) -> None:
+    supernet = tmp_path / "wide.pt"
+    result = runner.invoke(app, ["slim", "train", "--out", str(supernet), "--model", "resnet20",
+                                 "--widths", "0.5,1", "--widen", "1.5", "--epochs", "1", "-q",
+                                 *SMALL])
+    assert result.exit_code == 0, result.output
+    net, _ = slim.load_supernet(supernet)  # the widening is replayed on the zoo model
+    assert net.conv1.out_channels == 24
+    assert slim.export(net.eval(), 0.5).conv1.out_channels == 12
+
+
 def test_search_under_a_latency_budget(tmp_path, monkeypatch) -> None:
     """Layer times replaced by a fake that grows with the channels (a call's overhead 0)."""
     from prunelab.structured.latency import LatencyTable
@@ -69,6 +80,7 @@ def test_search_under_a_latency_budget(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("args, message", [
     (["slim", "train", "--out", "x.pt", "--widths", "0.5,1.5"], "(0, 1]"),
     (["slim", "train", "--out", "x.pt", "--widths", "a,b"], "numbers like"),
+    (["slim", "train", "--out", "x.pt", "--widen", "0.5"], "factor >= 1"),
     (["slim", "export", "missing.pt", "--out", "x.pt", "--width", "0.5"], "does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path, monkeypatch) -> None:

@@ -57,6 +57,8 @@ def train(
     widths: Annotated[str | None, typer.Option(help="S-Net widths, e.g. 0.25,0.5,0.75,1")] = None,
     width_range: Annotated[str | None, typer.Option(help="US-Net range lo,hi")] = None,
     round_to: Annotated[int, typer.Option(help="channels per group: a multiple of this")] = 1,
+    widen: Annotated[float, typer.Option(
+        help="widen the model by this factor first (AutoSlim's 1.5x supernet)")] = 1.0,
     sandwich: Annotated[int, typer.Option(help="US-Net widths per step")] = 4,
     distill: Annotated[bool | None, typer.Option(
         help="inplace distillation (default: on for US-Net, off for S-Net)")] = None,
@@ -90,7 +92,10 @@ def train(
     bundle = _bundle(dataset, data_dir, limit)
     torch.manual_seed(seed)
     kwargs = {"num_classes": bundle.num_classes, "input_shape": bundle.input_shape}
-    net = slim.convert(models.create(model, **kwargs), **options)
+    base = models.create(model, **kwargs)
+    if widen != 1:
+        base = slim.widen(base, widen, round_to=round_to)
+    net = slim.convert(base, **options)
     val = bundle.loader("val", 256) if bundle.sizes["val"] else None
     slim.train(net, bundle.loader("train", batch_size, shuffle=True, seed=seed), recipe,
                sandwich=sandwich, inplace_distillation=distill, val_data=val, seed=seed,

@@ -25,6 +25,7 @@ from prunelab.slim.supernet import (
 )
 from prunelab.slim.training import SlimmableTraining, calibrate_bn
 from prunelab.slim.training import train_slimmable as train
+from prunelab.slim.widen import widen
 
 __all__ = [
     "SlimmableTraining",
@@ -41,5 +42,6 @@ __all__ = [
     "set_width",
     "spec_of",
     "train",
+    "widen",
     "width",
 ]

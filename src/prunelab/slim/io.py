@@ -17,6 +17,7 @@ from torch import nn
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
 from prunelab.errors import CheckpointError
 from prunelab.slim.supernet import convert, spec_of
+from prunelab.structured.graph import replay_structure
 
 
 def save_supernet(path: str | os.PathLike, net: nn.Module, *, model_name: str,
@@ -40,6 +41,7 @@ def load_supernet(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
             f"{str(path)!r} is not a slimmable supernet (save one with `prunelab slim train` "
             "or prunelab.slim.save_supernet)")
     model = models.create(name, **payload["model"].get("kwargs", {}))
+    replay_structure(model, payload.get("structure") or [])  # a widened base model
     net = convert(model, **options)
     load_state_dict(net, payload["state_dict"])
     return net, payload

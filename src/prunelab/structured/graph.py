@@ -383,19 +383,34 @@ def _refuse(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
 
 
 def replay_structure(model: nn.Module, history: list[dict]) -> nn.Module:
-    """Repeat recorded removals on a freshly built model, giving it the pruned architecture."""
+    """Repeat recorded removals (and widenings: :func:`prunelab.slim.widen`) on a freshly built
+    model, giving it the recorded architecture."""
     for step in history:
-        apply_plan(model, step["plan"], zeros_input(model, step["input_shape"]))
+        example = zeros_input(model, step["input_shape"])
+        if "widen" in step:
+            from prunelab.slim.widen import resize_groups  # slim builds on this module
+
+            resize_groups(model, step["widen"], example, step.get("exclude", []))
+        else:
+            apply_plan(model, step["plan"], example)
         # The original's size (later targets are relative to it) and the rounding used.
         getattr(model, STRUCTURE_ATTR)[-1].update(
-            {key: step[key] for key in ("reference", "round_to") if key in step})
+            {key: step[key] for key in ("reference", "round_to", "factor") if key in step})
     return model
+
+
+def removals(model: nn.Module) -> list[dict]:
+    """The removals recorded on ``model`` since its last widening: a widened model is the
+    original that later targets are relative to."""
+    history = structure_of(model)
+    widened = [i for i, step in enumerate(history) if "widen" in step]
+    return history[widened[-1] + 1:] if widened else history
 
 
 def removed_so_far(model: nn.Module) -> dict[str, int]:
     """How many channels each group root has lost in the removals recorded on ``model``."""
     removed: dict[str, int] = {}
-    for step in structure_of(model):
+    for step in removals(model):
         for root, idxs in step["plan"].items():
             removed[root] = removed.get(root, 0) + len(idxs)
     return removed

@@ -33,6 +33,7 @@ from prunelab.structured.graph import (
     as_example,
     head_block,
     output_layers,
+    removals,
     removed_so_far,
     structure_of,
 )
@@ -218,8 +219,8 @@ class StructuredMethod(Method):
         history = structure_of(model)
         if len(history) <= steps:
             return
-        if steps == 0:
-            history[0]["reference"] = reference
+        if len(removals(model)) == 1:  # the first removal (since any widening)
+            history[-1]["reference"] = reference
         history[-1]["round_to"] = round_to
         if latency is not None:
             history[-1]["latency"] = latency
@@ -387,7 +388,7 @@ def original_size(model: nn.Module, example: torch.Tensor) -> dict:
     """Parameters and FLOPs of the model before its first removal: recorded then, measured now
     for an unpruned model. The recorded FLOPs hold for the recorded input shape only (None
     for another one)."""
-    history = structure_of(model)
+    history = removals(model)
     recorded = history[0].get("reference") if history else None
     if recorded is not None:
         same = recorded["input_shape"] == list(example.shape[1:])

@@ -1,0 +1,181 @@
+"""Widening a network: every channel group ``factor`` times as many channels.
+
+AutoSlim searches a supernet *wider* than the model it starts from (the paper's 1.5x MobileNetV2):
+the search may then keep more channels in a layer than the 1.0x model has. Zoo models take a width
+argument; :func:`widen` gives any convertible model (a torchvision net, say) the same: the channel
+groups that :func:`prunelab.slim.convert` switches (torch-pruning's dependency groups) grow by
+``factor``, coupled layers together, and the network's input and the classifier's outputs stay.
+Resized layers are re-initialised with their own ``reset_parameters`` (a wider model is trained
+from scratch); layers whose shape does not change keep their weights.
+
+The widening is recorded in the model's structure history, like a removal, so checkpoints of the
+widened model, of supernets converted from it and of their exports rebuild it from the zoo.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.slim.layers import NORM_TYPES
+from prunelab.slim.supernet import SlimmingError, _check_switchable, _depthwise, _segments
+from prunelab.sparsity.masks import check_layer_patterns
+from prunelab.structured.graph import (
+    ROOT_TYPES,
+    STRUCTURE_ATTR,
+    Graph,
+    as_example,
+    output_layers,
+)
+
+
+def widen(model: nn.Module, factor: float, *, round_to: int = 1,
+          example_input: torch.Tensor | None = None, exclude: Sequence[str] = ()) -> nn.Module:
+    """A copy of ``model`` with every channel group ``factor`` times as wide.
+
+    Args:
+        factor: at least 1; each group (each concatenated branch of a group separately) gets
+            ``factor * size`` channels, rounded (halves up) to a multiple of ``round_to``.
+        round_to: channel multiple of the widened groups (8 or 16 suit CPU kernels).
+        example_input: one input to trace (zoo models know their input shape).
+        exclude: layer-name patterns whose channel groups keep their size.
+
+    ``widen(models.create("resnet20"), 1.5)`` has exactly the shapes of
+    ``models.create("resnet20", width=1.5)``. Convert the result for a wider supernet:
+    ``slim.convert(widen(model, 1.5), width_range=(0.35 / 1.5, 1.0))``.
+    """
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+            math.isfinite(factor) and factor >= 1):
+        raise InvalidValueError(
+            f"widen takes a factor >= 1, got {factor!r} (to make a model narrower, prune it or "
+            "export a slimmable network at a width)")
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise InvalidValueError(f"round_to must be a positive integer, got {round_to!r}")
+    if not isinstance(model, nn.Module):
+        raise InvalidValueError(f"widen takes a torch.nn.Module, got {type(model).__name__}")
+    net = copy.deepcopy(model)
+    example = as_example(net, example_input)
+    roots = [n for n, m in net.named_modules() if isinstance(m, ROOT_TYPES)]
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    check_layer_patterns(roots, {"exclude": patterns})
+    excluded = [n for n in roots if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    graph = Graph(net, example, _ignored(net, example, excluded))
+    sizes = {group.root: [max(round_to, round_to * math.floor(factor * len(s) / round_to + 0.5))
+                          for s in _segments(group)] for group in graph.groups()}
+    del graph
+    resize_groups(net, sizes, example, excluded)
+    getattr(net, STRUCTURE_ATTR)[-1].update({"factor": float(factor), "round_to": round_to})
+    return net
+
+
+def resize_groups(model: nn.Module, sizes: Mapping[str, Sequence[int]],
+                  example: torch.Tensor, excluded: Sequence[str] = ()) -> nn.Module:
+    """Give the channel group rooted at each layer of ``sizes`` those segment sizes, in place.
+
+    ``sizes[root]`` lists the new size of each segment of the group (one per concatenated
+    branch; a plain group has one). The step is recorded in the structure history.
+    """
+    modules = dict(model.named_modules())
+    graph = Graph(model, example, _ignored(model, example, excluded))
+    deltas: dict[tuple[str, bool], dict[int, int]] = {}
+    found = set()
+    for number, group in enumerate(graph.groups()):
+        if group.root not in sizes:
+            continue
+        found.add(group.root)
+        segments, new = _segments(group), list(sizes[group.root])
+        if len(new) != len(segments) or any(
+                n < len(s) for n, s in zip(new, segments, strict=True)):
+            raise SlimmingError(
+                f"the channel group of layer {group.root!r} has segments of "
+                f"{[len(s) for s in segments]} channels; cannot resize them to {new}")
+        for member in group.members:
+            _check_switchable(member.name, member.module)
+            out = member.side == "out" or isinstance(member.module, NORM_TYPES) or _depthwise(
+                member.module)
+            positions = torch.tensor(member.positions, dtype=torch.long)
+            delta = 0
+            for segment, size in zip(segments, new, strict=True):
+                covered = int(torch.isin(positions, segment).sum())
+                if covered % len(segment):
+                    raise SlimmingError(
+                        f"layer {member.name!r} uses part of the channels of layer "
+                        f"{group.root!r}, so it cannot be widened with them; "
+                        f"exclude=[{group.root!r}]")
+                delta += covered // len(segment) * (size - len(segment))
+            deltas.setdefault((member.name, out), {})[number] = delta
+    del graph
+    missing = sorted(set(sizes) - found)
+    if missing:
+        raise SlimmingError(f"no channel group is rooted at {missing[:3]} in this model")
+    for (name, out), by_group in deltas.items():
+        if sum(by_group.values()):
+            _resize(modules[name], sum(by_group.values()), out)
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()(example)
+            model.train(was_training)
+    except PrunelabError:
+        raise
+    except Exception as exc:
+        raise SlimmingError(
+            f"the widened network does not run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}): something in its forward fixes a channel "
+            "count; exclude=[...] the layers around it") from None
+    history = getattr(model, STRUCTURE_ATTR, None)
+    if history is None:
+        history = []
+        setattr(model, STRUCTURE_ATTR, history)
+    history.append({"widen": {root: list(map(int, s)) for root, s in sizes.items()},
+                    "exclude": list(excluded), "input_shape": list(example.shape[1:])})
+    return model
+
+
+def _ignored(model: nn.Module, example: torch.Tensor, excluded: Sequence[str]) -> list[nn.Module]:
+    """The classifier and the excluded layers: their output channels never change."""
+    modules = dict(model.named_modules())
+    return [*output_layers(model, example), *(modules[n] for n in excluded)]
+
+
+def _resize(module: nn.Module, delta: int, out: bool) -> None:
+    """Grow one side of a Conv/Linear/BatchNorm by ``delta`` channels, then re-initialise it."""
+    like = next(module.parameters(), None)
+    kwargs = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+    if isinstance(module, NORM_TYPES):
+        module.num_features += delta
+        n = module.num_features
+        if module.affine:
+            module.weight = nn.Parameter(torch.empty(n, **kwargs))
+            module.bias = nn.Parameter(torch.empty(n, **kwargs))
+        if module.track_running_stats:
+            module.running_mean = torch.zeros(n, **kwargs)
+            module.running_var = torch.ones(n, **kwargs)
+        module.reset_parameters()
+        return
+    if isinstance(module, nn.Linear):
+        if out:
+            module.out_features += delta
+        else:
+            module.in_features += delta
+        shape: tuple[int, ...] = (module.out_features, module.in_features)
+        rows = module.out_features
+    else:  # a Conv (grouped ones other than depthwise were refused)
+        if _depthwise(module):
+            module.out_channels = module.in_channels = module.groups = module.out_channels + delta
+        elif out:
+            module.out_channels += delta
+        else:
+            module.in_channels += delta
+        shape = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        rows = module.out_channels
+    module.weight = nn.Parameter(torch.empty(shape, **kwargs))
+    if module.bias is not None:
+        module.bias = nn.Parameter(torch.empty(rows, **kwargs))
+    module.reset_parameters()
