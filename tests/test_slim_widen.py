@@ -102,3 +102,6 @@ def test_a_forward_that_fixes_a_channel_count_is_named() -> None:
         slim.widen(FixedView(), 1.5, example_input=X[:1])
     with pytest.raises(InvalidValueError, match="matches no prunable layer"):
         slim.widen(prunelab.models.create("resnet20"), 1.5, exclude=["nosuch*"])
+    net = slim.convert(prunelab.models.create("resnet20"), widths=[0.5, 1.0])
+    with pytest.raises(InvalidValueError, match="before converting"):
+        slim.widen(net, 1.5)

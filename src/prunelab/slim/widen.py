@@ -24,7 +24,13 @@ from torch import nn
 
 from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.slim.layers import NORM_TYPES
-from prunelab.slim.supernet import SlimmingError, _check_switchable, _depthwise, _segments
+from prunelab.slim.supernet import (
+    SlimmingError,
+    _check_switchable,
+    _depthwise,
+    _segments,
+    is_slimmable,
+)
 from prunelab.sparsity.masks import check_layer_patterns
 from prunelab.structured.graph import (
     ROOT_TYPES,
@@ -59,6 +65,8 @@ def widen(model: nn.Module, factor: float, *, round_to: int = 1,
         raise InvalidValueError(f"round_to must be a positive integer, got {round_to!r}")
     if not isinstance(model, nn.Module):
         raise InvalidValueError(f"widen takes a torch.nn.Module, got {type(model).__name__}")
+    if is_slimmable(model):
+        raise InvalidValueError("widen the model before converting it to a slimmable network")
     net = copy.deepcopy(model)
     example = as_example(net, example_input)
     roots = [n for n, m in net.named_modules() if isinstance(m, ROOT_TYPES)]
