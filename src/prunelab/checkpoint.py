@@ -11,18 +11,17 @@ load without the check.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from prunelab.errors import CheckpointError, DiskFullError, is_disk_full
+from prunelab.errors import CheckpointError
 from prunelab.sparsity import prepare_for_state_dict
+from prunelab.utils import write_atomically
 
 FORMAT = "prunelab-checkpoint"
 VERSION = 1
@@ -69,32 +68,6 @@ def save_checkpoint(
     payload["sha256"] = payload_digest(payload)
     write_atomically(path, lambda handle: torch.save(payload, handle))
     return path
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write(handle)`` into a temporary name, then rename it into place.
-
-    The file gets the usual permissions (0666 less the umask), and a full disk raises
-    :class:`DiskFullError` naming the file, instead of the error of whatever library was writing.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        buffer = io.BytesIO()  # serialise first: a failing write is then a plain OSError
-        write(buffer)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        if is_disk_full(exc):
-            raise DiskFullError(
-                f"no space left on device while writing {str(path)!r}: free some space (or "
-                "choose another folder) and run again") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def payload_digest(payload: Mapping[str, Any]) -> str:

@@ -1,15 +1,20 @@
-"""Small torch helpers shared across the package: devices, batches, eval mode."""
+"""Small helpers shared across the package: devices, batches, eval mode, atomic file writes."""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Iterator
+import io
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
 
-from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.errors import DiskFullError, InvalidValueError, PrunelabError, is_disk_full
 
 
 def require(what: str, packages: tuple[str, ...], extra: str) -> None:
@@ -176,3 +181,35 @@ def input_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InvalidValueError(f"{type(model).__name__} cannot run on inputs of shape {shape}"
                                 f"{wants} ({text.splitlines()[0][:300]})") from exc
+
+
+def write_atomically(path: str | os.PathLike,
+                     content: bytes | str | Callable[[IO[bytes]], None]) -> None:
+    """Write ``content`` (bytes, text as UTF-8, or a function that writes into a handle) to a
+    temporary name, then rename it into place: a reader or a killed run never sees half a file.
+
+    The file gets the usual permissions (0666 less the umask), and a full disk raises
+    :class:`DiskFullError` naming the file, instead of the error of whatever library was writing.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        if callable(content):
+            buffer = io.BytesIO()  # serialise first: a failing write is then a plain OSError
+            content(buffer)
+            data: bytes | memoryview = buffer.getbuffer()
+        else:
+            data = content.encode() if isinstance(content, str) else content
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(
+                f"no space left on device while writing {str(path)!r}: free some space (or "
+                "choose another folder) and run again") from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

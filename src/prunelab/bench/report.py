@@ -32,6 +32,7 @@ from prunelab.bench.stats import (
 from prunelab.bench.store import ResultStore
 from prunelab.bench.sweep import STORE, saved_specs, spec_keys
 from prunelab.errors import PrunelabError
+from prunelab.utils import write_atomically
 
 # A check run by the browser: records script errors and whether every figure decoded.
 CHECK_SCRIPT = """
@@ -94,9 +95,7 @@ def write_report(folder: str | os.PathLike, sweep: str | None = None,
                             "choose another folder with --out") from None
     figures = _figures(rows, out)
     page = _page(folder, rows, failed, figures)
-    tmp = out / f".index.{os.getpid()}.tmp"
-    tmp.write_text(page)
-    os.replace(tmp, out / "index.html")
+    write_atomically(out / "index.html", page)
     return out / "index.html"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -15,6 +15,7 @@ from prunelab.bench.stats import language_model_rows
 from prunelab.bench.store import COLUMNS, ResultStore
 from prunelab.bench.sweep import STORE
 from prunelab.errors import PrunelabError
+from prunelab.utils import write_atomically
 
 SHOWN = ("label", "recovery", "target_kind", "target_value", "seed", "test_top1",
          "achieved_sparsity", "compression", "theoretical_speedup", "latency_ms", "seconds")
@@ -57,12 +58,11 @@ def show_results(folder: Path, filters: Mapping[str, str], *, failed: bool = Fal
     if csv_path is not None:
         if not Path(csv_path).parent.is_dir():
             raise PrunelabError(f"cannot write {str(csv_path)!r}: its folder does not exist")
-        tmp = Path(csv_path).with_name(f".{Path(csv_path).name}.tmp")
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, csv_path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(csv_path, text.getvalue())
     return rows
 
 

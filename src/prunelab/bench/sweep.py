@@ -26,7 +26,7 @@ from prunelab.bench.store import Claimant, Heartbeat, ResultStore
 from prunelab.config import load_config
 from prunelab.errors import ConfigError, DiskFullError, InvalidValueError
 from prunelab.tracking import prepare_tracking
-from prunelab.utils import progress_enabled
+from prunelab.utils import progress_enabled, write_atomically
 
 STORE = "results.sqlite"
 
@@ -218,9 +218,7 @@ def _write_spec(spec: SweepSpec, out: Path, store: ResultStore) -> None:
             f"{str(out)!r} already holds a sweep named {spec.name!r} with another "
             f"experiment (model, data or recipes differ); give this one another name "
             f"or another --out folder")
-    tmp = path.with_name(f".spec.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    write_atomically(path, yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
 
 
 def saved_specs(folder: Path) -> dict[str, SweepSpec]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from prunelab.errors import DatasetNotFoundError, InvalidValueError
+from prunelab.utils import write_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 FALLBACK_SIZE = 32  # images of mixed sizes are resized to this when no size is given
@@ -126,12 +127,7 @@ class ImageFiles:
     def _write_cache(self, images: torch.Tensor) -> None:
         """Write atomically (temp file + rename), so readers never see half a file."""
         self.cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache.with_name(f".{self.cache.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(images, tmp)
-            os.replace(tmp, self.cache)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(self.cache, lambda handle: torch.save(images, handle))
 
 
 # The JPEG standard's (Annex K) luminance quantisation table, row by row.

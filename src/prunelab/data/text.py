@@ -19,6 +19,7 @@ import torch
 
 from prunelab.data.sources import DATASETS, OFFLINE_HINT, RawDataset, not_found, try_download
 from prunelab.errors import InvalidValueError
+from prunelab.utils import write_atomically
 
 TINY_SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt")
@@ -62,9 +63,7 @@ def _fetch(url: str, path: Path, sha256: str) -> None:
     if hashlib.sha256(content).hexdigest() != sha256:
         raise ValueError(f"{url} has unexpected contents (SHA-256 mismatch)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(content)
-    tmp.replace(path)
+    write_atomically(path, content)
 
 
 @DATASETS.register("tinyshakespeare")

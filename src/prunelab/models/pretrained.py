@@ -71,7 +71,7 @@ def load_pretrained(model: nn.Module, name: str, dataset: str) -> nn.Module:
 def add_weights(model: nn.Module, name: str, dataset: str, info: dict[str, Any]) -> Path:
     """Save ``model``'s weights as the reference of ``name`` on ``dataset`` and record them (with
     ``info``: accuracy, recipe, provenance) in the manifest. Used by scripts/train_reference.py."""
-    from prunelab.checkpoint import write_atomically
+    from prunelab.utils import write_atomically
 
     WEIGHTS.mkdir(exist_ok=True)
     path = WEIGHTS / f"{name}-{dataset}.pt"
@@ -80,5 +80,5 @@ def add_weights(model: nn.Module, name: str, dataset: str, info: dict[str, Any])
     entries = available()
     entries[f"{name}/{dataset}"] = {"file": path.name, "sha256": sha256(path), **info}
     text = json.dumps(dict(sorted(entries.items())), indent=2) + "\n"
-    write_atomically(MANIFEST, lambda f: f.write(text.encode()))
+    write_atomically(MANIFEST, text)
     return path

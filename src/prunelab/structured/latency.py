@@ -36,7 +36,7 @@ from torch import nn
 from prunelab.errors import InvalidValueError
 from prunelab.structured.graph import ROOT_TYPES, ChannelGroup
 from prunelab.targets import solve_ratio
-from prunelab.utils import progress_enabled
+from prunelab.utils import progress_enabled, write_atomically
 
 Widths = dict[str, tuple[int, int]]  # layer name -> (input channels, output channels)
 Plan = dict[str, list[int]]
@@ -269,9 +269,7 @@ def _load(path: Path) -> dict:
 def _save(path: Path, grids: dict) -> None:
     """Write the table whole (a temporary file renamed), so a killed run leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(grids))
-    partial.replace(path)
+    write_atomically(path, json.dumps(grids))
 
 
 def check_backend(backend: str, precision: str, what: str) -> None:
