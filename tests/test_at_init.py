@@ -141,6 +141,32 @@ def test_grasp_scores_match_an_explicit_hessian() -> None:
     assert set(removal.topk(5).indices.tolist()) == set((masks == 0).nonzero()[:, 0].tolist())
 
 
+def test_grasp_normalises_with_batch_statistics_as_the_papers_code() -> None:
+    """GraSP's code scores the network in training mode: BatchNorm uses each batch's statistics.
+    The same scores come from BatchNorms that have no running statistics at all, in eval mode;
+    the running statistics are left as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    x, y = torch.randn(8, 3, 6, 6) * 3 + 1, torch.randint(0, 3, (8,))
+    stateless = type(model)(*(nn.BatchNorm2d(4, track_running_stats=False)
+                              if isinstance(m, nn.BatchNorm2d) else m for m in model))
+    grasp = METHODS.get("grasp")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = grasp.create(temperature=2.0).scores(model, prunable_weights(model), [(x, y)])
+    expected = grasp.create(temperature=2.0, batchnorm="running").scores(
+        stateless, prunable_weights(stateless), [(x, y)])
+    for got, want in zip(batch, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    running = grasp.create(temperature=2.0, batchnorm="running").scores(
+        model, prunable_weights(model), [(x, y)])
+    assert not torch.allclose(running[0], batch[0])  # untrained stats (0, 1) normalise nothing
+    with pytest.raises(PrunelabError, match="one of 'batch', 'running'"):
+        grasp.create(batchnorm="eval")
+
+
 def test_grasp_needs_labelled_data() -> None:
     with pytest.raises(PrunelabError, match="needs calibration data"):
         prunelab.prune(mlp(), "grasp", 0.5)

@@ -69,6 +69,25 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Run with BatchNorm normalising by each batch's own statistics (as in training) and
+    everything else in eval mode (no dropout); the running statistics are restored after, so
+    the model leaves exactly as it came."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    with eval_mode(model):
+        for m in norms:
+            m.train()
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for m, buffers in zip(norms, saved, strict=True):
+                    for k, v in buffers.items():
+                        getattr(m, k).copy_(v)
+
+
+@contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Run with ``threads`` torch intra-op threads, restoring the process's setting after."""
     old = torch.get_num_threads()

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import pydantic
 import torch
@@ -285,7 +285,10 @@ def check_nm(nm: str | None, sparsity: float, target: str,
 
 
 def _type_name(hint: Any) -> str:
-    """``int``, ``int | None``: how an option's type reads in an error message."""
+    """``int``, ``int | None``, ``one of 'a', 'b'``: how an option's type reads in an error
+    message."""
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(hint)))
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

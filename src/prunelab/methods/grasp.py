@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from prunelab.errors import InvalidValueError
 from prunelab.methods.base import UnstructuredMethod, register_method
 from prunelab.methods.gradients import accumulate, labelled_batches, used_tensors
 from prunelab.sparsity import PrunableWeight
-from prunelab.utils import eval_mode
+from prunelab.utils import batch_statistics, eval_mode
 
 
 @register_method("grasp")
@@ -25,19 +26,28 @@ class GraSP(UnstructuredMethod):
     keeps the weights whose removal would reduce gradient flow most. g is the loss gradient over
     the calibration batches (``batches``; ``None``: all given), H g a Hessian-vector product
     taken by double backward (∂(gᵀ·∂L/∂w)/∂w with g held fixed), both with the logits divided
-    by ``temperature`` (200 in the paper's code) and the model in eval mode. Meant for an
-    untrained network (``schedule: at-init``); needs labelled batches.
+    by ``temperature`` (200 in the paper's code). BatchNorm normalises with each batch's own
+    statistics, as in the paper's code, which scores the network in training mode
+    (``batchnorm="running"``: with the running statistics, i.e. eval mode; an untrained
+    network's are 0 and 1, so nothing is normalised); the running statistics are left as they
+    were either way. Meant for an untrained network (``schedule: at-init``); needs labelled
+    batches.
     """
 
     needs_data = True
     batches: int | None = None
     temperature: float = 200.0
+    batchnorm: Literal["batch", "running"] = "batch"
 
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
         if not self.temperature > 0:
             raise InvalidValueError(f"grasp temperature must be > 0, got {self.temperature}")
+        if self.batchnorm not in ("batch", "running"):
+            raise InvalidValueError(
+                f"grasp batchnorm is 'batch' or 'running', got {self.batchnorm!r}")
+        mode = batch_statistics if self.batchnorm == "batch" else eval_mode
         grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
         hg = [torch.zeros_like(g) for g in grads]
         samples = 0
@@ -45,7 +55,7 @@ class GraSP(UnstructuredMethod):
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(model(x) / self.temperature, y, reduction="sum")
 
-        with eval_mode(model), torch.enable_grad():
+        with mode(model), torch.enable_grad():
             for x, y in labelled_batches(data, model, self.batches, "grasp"):
                 with used_tensors(weights) as (tensors, owners):
                     accumulate(grads, owners, torch.autograd.grad(loss(x, y), tensors,
