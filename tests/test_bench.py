@@ -252,6 +252,39 @@ def test_local_executor_survives_a_worker_that_died(tmp_path) -> None:
         pool.close()
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (an exited one not yet reaped is a zombie: not live)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_workers_stop_when_the_sweep_process_is_killed() -> None:
+    """`kill PID` of a sweep reaches the sweep process only; its workers must not go on."""
+    script = (
+        "import time\n"
+        "from prunelab.bench.executors import LocalExecutor\n"
+        "pool = LocalExecutor(1)\n"
+        "pool._pool.submit(time.sleep, 120)\n"
+        "print(*[p.pid for p in pool._pool._processes.values()], flush=True)\n"
+        "time.sleep(120)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        (pid,) = map(int, process.stdout.readline().split())
+        assert _running(pid)
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.time() + 30
+    while _running(pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _running(pid), "the worker outlived its sweep process"
+
+
 def test_two_sweeps_on_one_folder_split_the_runs(tmp_path) -> None:
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tiny_spec(targets={"sparsity": [0.3, 0.6, 0.9]},

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import queue
 import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from prunelab.errors import PrunelabError
 
 Task = dict[str, Any]
 Claim = Callable[[Task], bool]
+PARENT_POLL_SECONDS = 1.0
 
 
 def _any_task(task: Task) -> bool:
@@ -37,8 +39,19 @@ def default_threads(jobs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(jobs, 1))
 
 
-def _init_local(messages: Any) -> None:
+def _init_local(messages: Any, parent: int) -> None:
     worker.set_progress(lambda key, text: messages.put((key, text)))
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True,
+                     name="prunelab-parent-watch").start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker when the sweep process that started it is gone (killed, say with
+    ``kill PID``, which does not reach the workers): finishing the run would only burn the
+    CPU for nobody. Its claim lapses and the next sweep runs the task again."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
 
 
 class InlineExecutor:
@@ -80,7 +93,7 @@ class LocalExecutor:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.jobs, mp_context=self._context, initializer=_init_local,
-                                   initargs=(self._messages,))
+                                   initargs=(self._messages, os.getpid()))
 
     def drain(self) -> list[tuple[str, str]]:
         return _drained(self._messages)
