@@ -31,7 +31,8 @@ class GraSP(UnstructuredMethod):
     (``batchnorm="running"``: with the running statistics, i.e. eval mode; an untrained
     network's are 0 and 1, so nothing is normalised); the running statistics are left as they
     were either way. Meant for an untrained network (``schedule: at-init``); needs labelled
-    batches.
+    batches. Not copied from the paper's code: its scoring copy redraws the Linear layers
+    (Xavier normal) before scoring, and it draws a class-balanced calibration set.
     """
 
     needs_data = True
