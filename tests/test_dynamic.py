@@ -184,6 +184,29 @@ def test_a_collapsed_layer_is_named() -> None:
                                      "sparsity", 0.9996, 0)
 
 
+def test_a_collapsed_shortcut_does_not_cut_a_resnet() -> None:
+    """SynFlow can empty a residual block's 1x1 shortcut (ResNet-20 at 98%, one seed of three):
+    the block's other branch still carries the signal, so that is a warning, not a cut."""
+    from prunelab.sparsity import check_not_cut, set_mask, signal_passes
+
+    model = prunelab.models.create("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+
+    def empty(*names: str) -> None:
+        for name in names:
+            layer = model.get_submodule(name)
+            set_mask(layer, torch.zeros_like(layer.weight))
+
+    empty("layer3.0.shortcut.0")
+    assert signal_passes(model, x)
+    with pytest.warns(UserWarning, match="layer3.0.shortcut.0'; the signal still passes"):
+        check_not_cut(model, x, "synflow at sparsity 0.98")
+    empty("layer3.0.conv1")  # both branches of the block: nothing gets through
+    assert not signal_passes(model, x)
+    with pytest.raises(PrunelabError, match=r"'layer3.0.conv1' \(and 1 more\), which cuts"):
+        check_not_cut(model, x, "synflow at sparsity 0.98")
+
+
 def test_cli_sweep_with_a_bad_update_is_one_line(tmp_path, capsys) -> None:
     spec = {"name": "dst", "schedule": "at-init", "model": "lenet-300-100",
             "train": {"epochs": 1, "batch_size": 64, "lr": 0.05}, "latency": {"enabled": False},

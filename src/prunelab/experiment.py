@@ -27,13 +27,13 @@ from torch import nn
 from prunelab import data as datasets
 from prunelab import models
 from prunelab.config import CheckedModel
-from prunelab.errors import ConfigError, InvalidValueError, PrunelabError
+from prunelab.errors import ConfigError, PrunelabError
 from prunelab.methods import METHODS, Method
 from prunelab.metrics import evaluate, measure
 from prunelab.provenance import config_hash
 from prunelab.recoveries import RECOVERIES, Recovery, Snapshot
 from prunelab.schedules import SCHEDULES, Pruner, Schedule
-from prunelab.sparsity import check_sparsity, collapsed_layers, mask_sparsity
+from prunelab.sparsity import check_not_cut, check_sparsity, mask_sparsity
 from prunelab.strategies import strategy_field
 from prunelab.structured.graph import structure_of
 from prunelab.tracking import TrackConfig, Tracking
@@ -460,14 +460,8 @@ class Run:
         if self.method.granularity != "unstructured":
             return self.pruner(model, self.value, self.target, self.experiment.example)
         self.pruner(model, self.resolve_sparsity(model))
-        collapsed = collapsed_layers(model)
-        if collapsed:
-            raise InvalidValueError(
-                f"{self.choice.name} at {self.target} {self.value:g} prunes every weight of "
-                f"layer {collapsed[0]!r}"
-                f"{f' (and {len(collapsed) - 1} more)' if len(collapsed) > 1 else ''}, which "
-                "cuts the network; lower the target, use a per-layer scope (layer, erk) or "
-                "exclude the layer")
+        check_not_cut(model, self.experiment.example,
+                      f"{self.choice.name} at {self.target} {self.value:g}")
         return model
 
     def finetune(self, model: nn.Module) -> None:

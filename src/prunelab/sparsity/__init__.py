@@ -15,10 +15,12 @@ from prunelab.sparsity.masks import (
 )
 from prunelab.sparsity.prunable import (
     PrunableWeight,
+    check_not_cut,
     collapsed_layers,
     prunable_parameter_names,
     prunable_weights,
     register_prunable,
+    signal_passes,
     sparsity_for_compression,
 )
 from prunelab.sparsity.select import keep_mask_from_scores
@@ -26,6 +28,7 @@ from prunelab.sparsity.select import keep_mask_from_scores
 __all__ = [
     "PrunableWeight",
     "WeightMask",
+    "check_not_cut",
     "check_sparsity",
     "collapsed_layers",
     "get_mask",
@@ -41,5 +44,6 @@ __all__ = [
     "register_prunable",
     "remove_masks",
     "set_mask",
+    "signal_passes",
     "sparsity_for_compression",
 ]

@@ -15,6 +15,7 @@ A prunable tensor's *name* is the module's qualified name for a ``weight`` (``"f
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -237,6 +238,50 @@ def sparsity_for_compression(model: nn.Module, compression: float, **selection) 
 
 
 def collapsed_layers(model: nn.Module) -> list[str]:
-    """Names of the masked tensors with no weight left: layers that cut the network's signal."""
+    """Names of the masked tensors with no weight left (layer collapse)."""
     return [prunable_name(name, param) for name, module, param in masked_parameters(model)
             if not bool(get_mask(module, param).any())]
+
+
+def signal_passes(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the output still depends on the input: a collapsed layer on every path from the
+    input to the output cuts it (a collapsed 1x1 shortcut of a residual block does not, the
+    block's other branch still carries the signal).
+
+    Two inputs are compared in eval mode: ``example`` and a random one of its shape (token ids:
+    the ids shifted by one, within the range seen). Identical outputs mean the network is cut.
+    """
+    if example.is_floating_point():
+        generator = torch.Generator(device=example.device).manual_seed(0)
+        other = torch.randn(example.shape, generator=generator, device=example.device,
+                            dtype=example.dtype)
+    else:
+        other = (example + 1) % (int(example.max()) + 1)
+        if torch.equal(other, example):  # one id only: no second input to compare
+            return not collapsed_layers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            first, second = model(example), model(other)
+    finally:
+        model.train(was_training)
+    if not isinstance(first, torch.Tensor):  # a model returning a structure: compare its logits
+        first, second = first[0], second[0]
+    return not torch.equal(first, second)
+
+
+def check_not_cut(model: nn.Module, example: torch.Tensor, what: str) -> None:
+    """Refuse a pruned model whose collapsed layers cut the network (naming the first); warn
+    when layers collapsed but the signal still passes (through a residual branch)."""
+    collapsed = collapsed_layers(model)
+    if not collapsed:
+        return
+    which = (f"every weight of layer {collapsed[0]!r}"
+             f"{f' (and {len(collapsed) - 1} more)' if len(collapsed) > 1 else ''}")
+    if not signal_passes(model, example):
+        raise InvalidValueError(
+            f"{what} prunes {which}, which cuts the network; lower the target, use a per-layer "
+            "scope (layer, erk) or exclude the layer")
+    warnings.warn(f"{what} prunes {which}; the signal still passes through the network's "
+                  "other paths (a residual branch)", stacklevel=3)
