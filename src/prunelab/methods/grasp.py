@@ -45,9 +45,6 @@ class GraSP(UnstructuredMethod):
     ) -> list[torch.Tensor]:
         if not self.temperature > 0:
             raise InvalidValueError(f"grasp temperature must be > 0, got {self.temperature}")
-        if self.batchnorm not in ("batch", "running"):
-            raise InvalidValueError(
-                f"grasp batchnorm is 'batch' or 'running', got {self.batchnorm!r}")
         mode = batch_statistics if self.batchnorm == "batch" else eval_mode
         grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
         hg = [torch.zeros_like(g) for g in grads]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -34,11 +34,12 @@ from prunelab.slim.supernet import (
 from prunelab.sparsity.masks import check_layer_patterns
 from prunelab.structured.graph import (
     ROOT_TYPES,
-    STRUCTURE_ATTR,
     Graph,
     as_example,
     output_layers,
+    record_step,
 )
+from prunelab.utils import eval_mode
 
 
 def widen(model: nn.Module, factor: float, *, round_to: int = 1,
@@ -73,31 +74,39 @@ def widen(model: nn.Module, factor: float, *, round_to: int = 1,
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     check_layer_patterns(roots, {"exclude": patterns})
     excluded = [n for n in roots if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    graph = Graph(net, example, _ignored(net, example, excluded))
-    sizes = {group.root: [max(round_to, round_to * math.floor(factor * len(s) / round_to + 0.5))
-                          for s in _segments(group)] for group in graph.groups()}
-    del graph
-    resize_groups(net, sizes, example, excluded)
-    getattr(net, STRUCTURE_ATTR)[-1].update({"factor": float(factor), "round_to": round_to})
+
+    def wider(segments: list[torch.Tensor]) -> list[int]:
+        return [max(round_to, round_to * math.floor(factor * len(s) / round_to + 0.5))
+                for s in segments]
+
+    resize_groups(net, wider, example, excluded, {"factor": float(factor), "round_to": round_to})
     return net
 
 
-def resize_groups(model: nn.Module, sizes: Mapping[str, Sequence[int]],
-                  example: torch.Tensor, excluded: Sequence[str] = ()) -> nn.Module:
-    """Give the channel group rooted at each layer of ``sizes`` those segment sizes, in place.
+def resize_groups(model: nn.Module,
+                  sizes: Mapping[str, Sequence[int]] | Callable[[list[torch.Tensor]], list[int]],
+                  example: torch.Tensor, excluded: Sequence[str] = (),
+                  extra: dict | None = None) -> nn.Module:
+    """Give channel groups new segment sizes, in place, and record the step (with ``extra``) in
+    the structure history.
 
-    ``sizes[root]`` lists the new size of each segment of the group (one per concatenated
-    branch; a plain group has one). The step is recorded in the structure history.
+    ``sizes[root]`` lists the new size of each segment of the group rooted at ``root`` (one per
+    concatenated branch; a plain group has one); or ``sizes`` is a function of a group's
+    segments that every group is resized by.
     """
     modules = dict(model.named_modules())
     graph = Graph(model, example, _ignored(model, example, excluded))
     deltas: dict[tuple[str, bool], dict[int, int]] = {}
-    found = set()
+    used: dict[str, list[int]] = {}
     for number, group in enumerate(graph.groups()):
-        if group.root not in sizes:
+        segments = _segments(group)
+        if callable(sizes):
+            new = sizes(segments)
+        elif group.root in sizes:
+            new = list(sizes[group.root])
+        else:
             continue
-        found.add(group.root)
-        segments, new = _segments(group), list(sizes[group.root])
+        used[group.root] = new
         if len(new) != len(segments) or any(
                 n < len(s) for n, s in zip(new, segments, strict=True)):
             raise SlimmingError(
@@ -119,17 +128,15 @@ def resize_groups(model: nn.Module, sizes: Mapping[str, Sequence[int]],
                 delta += covered // len(segment) * (size - len(segment))
             deltas.setdefault((member.name, out), {})[number] = delta
     del graph
-    missing = sorted(set(sizes) - found)
+    missing = [] if callable(sizes) else sorted(set(sizes) - set(used))
     if missing:
         raise SlimmingError(f"no channel group is rooted at {missing[:3]} in this model")
     for (name, out), by_group in deltas.items():
         if sum(by_group.values()):
             _resize(modules[name], sum(by_group.values()), out)
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()(example)
-            model.train(was_training)
+        with torch.no_grad(), eval_mode(model):
+            model(example)
     except PrunelabError:
         raise
     except Exception as exc:
@@ -137,12 +144,9 @@ def resize_groups(model: nn.Module, sizes: Mapping[str, Sequence[int]],
             f"the widened network does not run ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}): something in its forward fixes a channel "
             "count; exclude=[...] the layers around it") from None
-    history = getattr(model, STRUCTURE_ATTR, None)
-    if history is None:
-        history = []
-        setattr(model, STRUCTURE_ATTR, history)
-    history.append({"widen": {root: list(map(int, s)) for root, s in sizes.items()},
-                    "exclude": list(excluded), "input_shape": list(example.shape[1:])})
+    record_step(model, {"widen": {root: list(map(int, s)) for root, s in used.items()},
+                        "exclude": list(excluded), "input_shape": list(example.shape[1:]),
+                        **(extra or {})})
     return model
 
 

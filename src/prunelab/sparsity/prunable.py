@@ -33,6 +33,7 @@ from prunelab.sparsity.masks import (
     original_weight,
     set_mask,
 )
+from prunelab.utils import eval_mode
 
 ParamSpec = Sequence[str] | Callable[[nn.Module], Iterable[str]]
 
@@ -259,13 +260,8 @@ def signal_passes(model: nn.Module, example: torch.Tensor) -> bool:
         other = (example + 1) % (int(example.max()) + 1)
         if torch.equal(other, example):  # one id only: no second input to compare
             return not collapsed_layers(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            first, second = model(example), model(other)
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        first, second = model(example), model(other)
     if not isinstance(first, torch.Tensor):  # a model returning a structure: compare its logits
         first, second = first[0], second[0]
     return not torch.equal(first, second)

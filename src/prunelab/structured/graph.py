@@ -324,13 +324,19 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: torch.Tens
         if problem is not None:
             _restore(model, backup)
             _refuse(backup, plan, example, ignored_names, problem)
+    record_step(model, {"plan": plan, "input_shape": list(example.shape[1:]),
+                        **({"check": checked} if check else {})})
+    return model
+
+
+def record_step(model: nn.Module, step: dict) -> None:
+    """Append a change of architecture (a removal, a widening) to the model's structure
+    history, which :func:`replay_structure` repeats on a freshly built model."""
     history = getattr(model, STRUCTURE_ATTR, None)
     if history is None:
         history = []
         setattr(model, STRUCTURE_ATTR, history)
-    history.append({"plan": plan, "input_shape": list(example.shape[1:]),
-                    **({"check": checked} if check else {})})
-    return model
+    history.append(step)
 
 
 def _remove_checked(model: nn.Module, plan: dict[str, list[int]], example: torch.Tensor,
