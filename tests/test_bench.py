@@ -96,6 +96,22 @@ def test_two_different_methods_need_different_labels() -> None:
     assert len(validate(SweepSpec, tiny_spec(methods=twins)).runs()) == 2
 
 
+def test_run_keys_hash_method_defaults(monkeypatch) -> None:
+    """Spelling out a default gives the same key; changing a default gives a new one, so a
+    sweep does not reuse results computed under the old default."""
+    spelled = [{"method": "grasp", "options": {"batchnorm": "batch"}}]
+    key = lambda methods: [  # noqa: E731
+        spec.run_key(r) for spec in [validate(SweepSpec, tiny_spec(methods=methods))]
+        for r in spec.runs()]
+    assert key(["grasp"]) == key(spelled)
+    from prunelab.methods.grasp import GraSP
+
+    fields = dict(GraSP.__dataclass_fields__)
+    monkeypatch.setattr(fields["batchnorm"], "default", "running")
+    assert GraSP.defaults()["batchnorm"] == "running"
+    assert key(["grasp"]) != key(spelled)
+
+
 def test_smoke_example_in_parallel_then_nothing_left(tmp_path) -> None:
     spec = load_config(SweepSpec, SMOKE)
     assert len(spec.runs()) == 8

@@ -190,6 +190,17 @@ class MethodChoice(CheckedModel):
         """A readable label: ``magnitude/global`` unless one is given."""
         return self.label or f"{self.method}/{self.scope}"
 
+    def settings(self) -> dict[str, Any]:
+        """The options with every unset one at its method's default: what the run keys hash,
+        so results are not reused once a method's default changes. Defaults that are not
+        plain data (callables) are left out; an unknown method keeps just its options."""
+        try:
+            defaults = METHODS.get(self.method).defaults()
+        except PrunelabError:
+            defaults = {}
+        plain = (type(None), bool, int, float, str, list, tuple)
+        return {n: v for n, v in defaults.items() if isinstance(v, plain)} | self.options
+
 
 def training_method(choice: MethodChoice | None) -> Method | None:
     """The method whose own training the dense model needs (its callbacks, and the module
@@ -207,7 +218,7 @@ def training_variant(choice: MethodChoice | None) -> dict[str, Any] | None:
     """The method and options a dense model must be trained with, or None for plain training."""
     if training_method(choice) is None:
         return None
-    return {"method": choice.method, "options": choice.options}  # type: ignore[union-attr]
+    return {"method": choice.method, "options": choice.settings()}  # type: ignore[union-attr]
 
 
 @dataclass

@@ -196,8 +196,9 @@ class SweepSpec(ExperimentConfig):
                                exclude={"name", "data_dir", "grid", "threads", "track"})
 
     def run_key(self, run: RunSpec) -> str:
-        return config_hash({"experiment": self.experiment_fields(),
-                            "run": run.model_dump(mode="json", exclude={"choice": {"label"}})})
+        fields = run.model_dump(mode="json", exclude={"choice": {"label"}})
+        fields["choice"]["options"] = run.choice.settings()
+        return config_hash({"experiment": self.experiment_fields(), "run": fields})
 
     def dense_run_key(self, seed: int, choice: MethodChoice | None = None) -> str:
         return f"dense-{self.dense_key(seed, choice)}"

@@ -112,6 +112,17 @@ class Method:
         return [f.name for f in dataclasses.fields(cls) if f.init]
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Each option's default value (options without a default are left out)."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.init and f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.init and f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        return values
+
+    @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each option."""
         rows = []
