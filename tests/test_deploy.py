@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -9,8 +10,9 @@ import torch
 from torch import nn
 
 import prunelab
-from prunelab.deploy import SparseLinear, deploy
+from prunelab.deploy import SparseLinear, deploy, semi_structured_linear
 from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.sparsity import make_permanent
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
@@ -139,3 +141,43 @@ def test_a_missing_onnx_extra_is_one_clear_error(resnet, tmp_path, monkeypatch, 
         main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "m.onnx")])
     assert exit_info.value.code == 2
     assert "prunelab[onnx]" in capsys.readouterr().err
+
+
+def two_four_mlp(width: int = 256) -> nn.Module:
+    """A transformer-style MLP pruned to 2:4 along each Linear's inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+    prunelab.prune(model, "magnitude", 0.5, nm="2:4")
+    return model
+
+
+def test_follows_nm_by_hand() -> None:
+    from prunelab.sparsity.nm import follows_nm
+
+    w = torch.tensor([[1.0, 0, 2, 0, 0, 0, 0, 3], [0, 0, 0, 0, 1, 1, 0, 0]])
+    assert follows_nm(w, 2, 4, 1) and not follows_nm(w, 1, 4, 1)
+    assert not follows_nm(w, 2, 4, 0)  # 2 rows: no group of 4 along dim 0
+    assert not follows_nm(torch.ones(3, 8), 2, 4, 1)
+
+
+def test_two_four_layers_on_a_cpu_say_why_no_sparse_kernel_served_them() -> None:
+    model = two_four_mlp(64)
+    x = torch.randn(8, 64)
+    deployed = deploy(model, x, repeats=2)
+    assert ("2:4 sparse kernels not tried for 2 2:4 Linear layers: they need a CUDA GPU "
+            "(NVIDIA Ampere or later)") in deployed.steps
+    assert torch.allclose(deployed(x), model(x), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="2:4 sparse kernels need a CUDA GPU")
+def test_two_four_kernels_on_a_gpu_compute_the_masked_layer() -> None:
+    model = two_four_mlp().cuda()
+    x = torch.randn(512, 256, device="cuda")
+    layer = make_permanent(copy.deepcopy(model))[0].to(torch.bfloat16)
+    served = semi_structured_linear(layer)
+    dense = layer(x.bfloat16()).float()
+    assert torch.allclose(served(x.bfloat16()).float(), dense, atol=0.05 * float(dense.abs().max()))
+    deployed = deploy(model.float(), x, precision="bf16", repeats=3)
+    choices = [s for s in deployed.steps if "density 0.500" in s]
+    assert len(choices) == 2 and all(("ms 2:4)" in s) for s in choices), deployed.steps
+    assert deployed.max_abs_error < 0.05 * float(model(x).abs().max())

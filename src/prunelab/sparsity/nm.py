@@ -58,6 +58,14 @@ def _grouped(tensor: torch.Tensor, dim: int, m: int) -> torch.Tensor:
     return tensor.movedim(dim, -1).reshape(-1, m)
 
 
+def follows_nm(tensor: torch.Tensor, n: int, m: int, dim: int) -> bool:
+    """Whether every group of ``m`` consecutive entries along ``dim`` has at most ``n``
+    non-zeros (what an N:M sparse kernel can hold exactly)."""
+    if tensor.dim() < 2 or tensor.shape[dim] % m:
+        return False
+    return bool(((_grouped(tensor, dim, m) != 0).sum(dim=1) <= n).all())
+
+
 def nm_keep_mask(scores: torch.Tensor, n: int, m: int, dim: int, name: str = "") -> torch.Tensor:
     """Keep the ``n`` highest scores in every group of ``m`` consecutive entries along ``dim``.
 
