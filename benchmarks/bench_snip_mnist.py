@@ -7,7 +7,10 @@ learning rate 0.1 divided by 10 every 25k iterations, an L2 penalty of 0.00025·
 biases at zero. This script prunes once with prunelab's ``snip`` on one batch of 100 training
 images, then trains the sparse net, by default from the same weights; ``--after-pruning fresh``
 does what the public code does instead: the mask is found on one initialisation and a second,
-independent one (variance scaling, biases zero) trains under it.
+independent one (variance scaling, biases zero) trains under it. ``--rank-biases`` also does what
+the public code does before pruning: the biases are initialised by variance scaling too (std
+1/√units) and ranked with the weights, so the 98% counts weights and biases together and a
+pruned bias stays zero.
 
 Candidate settings (initialisation, weight decay) are compared on seed 0's *validation* error
 (10% of the training set, as in the paper); the chosen one then runs on every seed and its test
@@ -26,6 +29,7 @@ from torch import nn
 
 import prunelab
 from prunelab.recoveries.rewind import rewind_weights
+from prunelab.sparsity import register_prunable
 from prunelab.training import TrainRecipe, train
 from prunelab.utils import seed_everything
 
@@ -44,32 +48,38 @@ def recipe(epochs: int, weight_decay: float, iterations_per_epoch: int) -> Train
                        gamma=0.1, channels_last=False)
 
 
-def variance_scaling_(model: nn.Module) -> None:
+def variance_scaling_(model: nn.Module, biases: bool = False) -> None:
     """TensorFlow's default variance scaling: truncated normal (±2σ) with std 1/√fan-in (the
-    truncation correction 0.8796 keeps the std), biases zero."""
+    truncation correction 0.8796 keeps the std); biases zero, or with ``biases`` drawn the same
+    way with TensorFlow's fan-in of a vector, its length."""
+    def draw(tensor: torch.Tensor, fan_in: int) -> None:
+        std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
+        nn.init.trunc_normal_(tensor, 0.0, std, -2 * std, 2 * std)
+
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            fan_in = module.weight[0].numel()
-            std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978
-            nn.init.trunc_normal_(module.weight, 0.0, std, -2 * std, 2 * std)
-            nn.init.zeros_(module.bias)
+            draw(module.weight, module.weight[0].numel())
+            if biases:
+                draw(module.bias, module.bias.numel())
+            else:
+                nn.init.zeros_(module.bias)
 
 
 def error(model: nn.Module, bundle, split: str) -> float:
     return 100.0 - prunelab.evaluate(model, bundle.loader(split, 1000), topk=(1,))["top1"]
 
 
-def initialised(model_name: str, init: str, seed: int) -> nn.Module:
+def initialised(model_name: str, init: str, seed: int, biases: bool = False) -> nn.Module:
     seed_everything(seed)
     model = prunelab.models.create(model_name, input_shape=(1, 28, 28))
     if init == "variance-scaling":
-        variance_scaling_(model)
+        variance_scaling_(model, biases)
     return model
 
 
 def one_run(seed: int, bundle, model_name: str, init: str, weight_decay: float,
-            epochs: int, sparsity: float, after_pruning: str) -> dict:
-    model = initialised(model_name, init, seed)
+            epochs: int, sparsity: float, after_pruning: str, rank_biases: bool) -> dict:
+    model = initialised(model_name, init, seed, biases=rank_biases)
     batches = bundle.loader("train", 100, shuffle=True, seed=seed)
     prunelab.prune(model, "snip", sparsity=sparsity, data=[next(iter(batches))])
     if after_pruning == "fresh":
@@ -78,7 +88,7 @@ def one_run(seed: int, bundle, model_name: str, init: str, weight_decay: float,
     steps = math.ceil(bundle.sizes["train"] / 100)
     result = train(model, batches, recipe(epochs, weight_decay, steps), quiet=True)
     return {"seed": seed, "model": model_name, "init": init, "weight_decay": weight_decay,
-            "epochs": epochs, "after_pruning": after_pruning,
+            "epochs": epochs, "after_pruning": after_pruning, "rank_biases": rank_biases,
             "val_error": error(model, bundle, "val"),
             "test_error": error(model, bundle, "test"), "minutes": result.seconds / 60}
 
@@ -95,12 +105,19 @@ def main() -> None:
     parser.add_argument("--after-pruning", nargs="+", default=["same"], choices=["same", "fresh"],
                         help="train the scored weights (same) or a second initialisation under "
                         "the mask (fresh, as the public code); several: chosen on validation")
+    parser.add_argument("--rank-biases", action="store_true",
+                        help="initialise biases by variance scaling and rank them with the "
+                        "weights (the public code's masks cover biases too)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args()
+    if args.rank_biases:
+        for layer in (nn.Linear, nn.Conv2d):
+            register_prunable(layer, ["weight", "bias"])
     bundle = prunelab.data.load("mnist", val_fraction=0.1, split_seed=0)
     first, *others = args.seeds
-    candidates = [one_run(first, bundle, args.model, init, wd, args.epochs, args.sparsity, after)
+    candidates = [one_run(first, bundle, args.model, init, wd, args.epochs, args.sparsity, after,
+                          args.rank_biases)
                   for init, wd, after in itertools.product(args.inits, args.weight_decays,
                                                            args.after_pruning)]
     chosen = min(candidates, key=lambda r: r["val_error"])
@@ -109,7 +126,8 @@ def main() -> None:
               f"{row['after_pruning']}: validation error {row['val_error']:.2f}%"
               f"{'  <- chosen' if row is chosen else ''}")
     rows = [chosen] + [one_run(s, bundle, args.model, chosen["init"], chosen["weight_decay"],
-                               args.epochs, args.sparsity, chosen["after_pruning"])
+                               args.epochs, args.sparsity, chosen["after_pruning"],
+                               args.rank_biases)
                        for s in others]
     summary = {key: (statistics.mean(r[key] for r in rows),
                      statistics.stdev(r[key] for r in rows) if len(rows) > 1 else 0.0)
