@@ -13,9 +13,9 @@ first k channels of every channel group, switched at run time::
 
 from prunelab.slim.autoslim import autoslim, macs
 from prunelab.slim.export import export
+from prunelab.slim.groups import SlimmingError
 from prunelab.slim.io import load_supernet, save_supernet
 from prunelab.slim.supernet import (
-    SlimmingError,
     convert,
     get_width,
     is_slimmable,

@@ -16,7 +16,6 @@ multiple of ``round_to``) or, for per-layer widths such as AutoSlim finds, as a 
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,14 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError, PrunelabError
+from prunelab.slim.groups import (
+    SlimmingError,
+    channel_groups,
+    check_switchable,
+    is_depthwise,
+    is_out_side,
+    segments,
+)
 from prunelab.slim.layers import (
     NORM_TYPES,
     Index,
@@ -36,21 +43,13 @@ from prunelab.slim.layers import (
     count,
     make_slim,
 )
-from prunelab.sparsity.masks import check_layer_patterns
 from prunelab.structured.graph import (
     ROOT_TYPES,
-    ChannelGroup,
-    Graph,
     as_example,
-    output_layers,
 )
 
 Width = float | Mapping[str, int]
 SPEC_ATTR = "_prunelab_slim"
-
-
-class SlimmingError(PrunelabError):
-    """A model (or one of its layers) whose channels cannot be switched."""
 
 
 @dataclass
@@ -308,34 +307,24 @@ def convert(
     if is_slimmable(net):
         raise InvalidValueError("the model is already slimmable")
     example = as_example(net, example_input)
-    names = dict(net.named_modules())
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    check_layer_patterns([n for n, m in names.items() if isinstance(m, ROOT_TYPES)],
-                         {"exclude": exclude})
-    excluded = [m for n, m in names.items() if isinstance(m, ROOT_TYPES)
-                and any(fnmatch.fnmatchcase(n, p) for p in exclude)]
-    graph = Graph(net, example, [*output_layers(net, example), *excluded])
     spec = SlimSpec([], {}, {}, set(), widths, width_range, round_to, tuple(example.shape[1:]))
-    for number, group in enumerate(graph.groups()):
-        spec.groups.append(Group(group.root, group.size, _segments(group)))
+    for number, group in enumerate(channel_groups(net, example, exclude)):
+        spec.groups.append(Group(group.root, group.size, segments(group)))
         for member in group.members:
-            _check_switchable(member.name, member.module)
+            check_switchable(member.name, member.module)
             module = member.module
-            depthwise = _depthwise(module)
-            if depthwise:
+            if is_depthwise(module):
                 spec.depthwise.add(member.name)
-            out = member.side == "out" or isinstance(module, NORM_TYPES) or depthwise
+            out = is_out_side(member.side, module)
             table = spec.outs if out else spec.ins
             full = _channels(module, out)
             side = table.setdefault(member.name, Side(full))
             side.links.append((number, torch.tensor(member.idxs), torch.tensor(member.positions)))
-    del graph
     spec.costs = _costs(net, example)
     spec.options = {"widths": widths, "width_range": list(width_range) if width_range else None,
                     "round_to": round_to, "switchable_bn": switchable_bn,
-                    "exclude": list(exclude)}
-    for name, module in names.items():
+                    "exclude": [exclude] if isinstance(exclude, str) else list(exclude)}
+    for name, module in list(net.named_modules()):  # BatchNorms are replaced on the way
         if isinstance(module, ROOT_TYPES) and (name in spec.outs or name in spec.ins):
             make_slim(module)
             module.slim_depthwise = name in spec.depthwise
@@ -384,42 +373,6 @@ def _costs(net: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, int, i
         for hook in hooks:
             hook.remove()
     return costs
-
-
-def _segments(group: ChannelGroup) -> list[torch.Tensor]:
-    """The group's channels split by which (non-depthwise) layers produce them."""
-    producers = [m for m in group.producers if not _depthwise(m.module)]
-    signature: dict[int, tuple[int, ...]] = {p: () for p in range(group.size)}
-    for i, member in enumerate(producers):
-        for position in member.positions:
-            signature[position] += (i,)
-    segments: dict[tuple[int, ...], list[int]] = {}
-    for position in range(group.size):
-        segments.setdefault(signature[position], []).append(position)
-    return [torch.tensor(s) for s in segments.values()]
-
-
-def _check_switchable(name: str, module: nn.Module) -> None:
-    if isinstance(module, (*NORM_TYPES, nn.Linear)):
-        return
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        raise SlimmingError(f"layer {name!r} ({type(module).__name__}) cannot switch width: "
-                            "transposed convolutions are not supported; exclude=[...] it")
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1 and not _depthwise(module):
-            raise SlimmingError(
-                f"layer {name!r} is a grouped convolution ({module.groups} groups) and cannot "
-                "switch width (only depthwise ones can); exclude=[...] it")
-        return
-    raise SlimmingError(
-        f"layer {name!r} ({type(module).__name__}) shares channels with convolutions but "
-        "cannot switch width (only Conv/Linear/BatchNorm can); exclude=[...] the layers "
-        "that feed it")
-
-
-def _depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
-            and module.groups == module.in_channels == module.out_channels)
 
 
 def _channels(module: nn.Module, out: bool) -> int:

@@ -15,7 +15,6 @@ widened model, of supernets converted from it and of their exports rebuild it fr
 from __future__ import annotations
 
 import copy
-import fnmatch
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -23,22 +22,17 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError, PrunelabError
-from prunelab.slim.layers import NORM_TYPES
-from prunelab.slim.supernet import (
+from prunelab.slim.groups import (
     SlimmingError,
-    _check_switchable,
-    _depthwise,
-    _segments,
-    is_slimmable,
+    channel_groups,
+    check_switchable,
+    is_depthwise,
+    is_out_side,
+    segments,
 )
-from prunelab.sparsity.masks import check_layer_patterns
-from prunelab.structured.graph import (
-    ROOT_TYPES,
-    Graph,
-    as_example,
-    output_layers,
-    record_step,
-)
+from prunelab.slim.layers import NORM_TYPES
+from prunelab.slim.supernet import is_slimmable
+from prunelab.structured.graph import as_example, record_step
 from prunelab.utils import eval_mode
 
 
@@ -70,55 +64,51 @@ def widen(model: nn.Module, factor: float, *, round_to: int = 1,
         raise InvalidValueError("widen the model before converting it to a slimmable network")
     net = copy.deepcopy(model)
     example = as_example(net, example_input)
-    roots = [n for n, m in net.named_modules() if isinstance(m, ROOT_TYPES)]
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    check_layer_patterns(roots, {"exclude": patterns})
-    excluded = [n for n in roots if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
     def wider(segments: list[torch.Tensor]) -> list[int]:
         return [max(round_to, round_to * math.floor(factor * len(s) / round_to + 0.5))
                 for s in segments]
 
-    resize_groups(net, wider, example, excluded, {"factor": float(factor), "round_to": round_to})
+    resize_groups(net, wider, example, patterns, {"factor": float(factor), "round_to": round_to})
     return net
 
 
 def resize_groups(model: nn.Module,
                   sizes: Mapping[str, Sequence[int]] | Callable[[list[torch.Tensor]], list[int]],
-                  example: torch.Tensor, excluded: Sequence[str] = (),
+                  example: torch.Tensor, exclude: Sequence[str] = (),
                   extra: dict | None = None) -> nn.Module:
     """Give channel groups new segment sizes, in place, and record the step (with ``extra``) in
     the structure history.
 
     ``sizes[root]`` lists the new size of each segment of the group rooted at ``root`` (one per
     concatenated branch; a plain group has one); or ``sizes`` is a function of a group's
-    segments that every group is resized by.
+    segments that every group is resized by. Groups of layers matching the ``exclude`` name
+    patterns keep their size.
     """
     modules = dict(model.named_modules())
-    graph = Graph(model, example, _ignored(model, example, excluded))
     deltas: dict[tuple[str, bool], dict[int, int]] = {}
     used: dict[str, list[int]] = {}
-    for number, group in enumerate(graph.groups()):
-        segments = _segments(group)
+    for number, group in enumerate(channel_groups(model, example, exclude)):
+        parts = segments(group)
         if callable(sizes):
-            new = sizes(segments)
+            new = sizes(parts)
         elif group.root in sizes:
             new = list(sizes[group.root])
         else:
             continue
         used[group.root] = new
-        if len(new) != len(segments) or any(
-                n < len(s) for n, s in zip(new, segments, strict=True)):
+        if len(new) != len(parts) or any(
+                n < len(s) for n, s in zip(new, parts, strict=True)):
             raise SlimmingError(
                 f"the channel group of layer {group.root!r} has segments of "
-                f"{[len(s) for s in segments]} channels; cannot resize them to {new}")
+                f"{[len(s) for s in parts]} channels; cannot resize them to {new}")
         for member in group.members:
-            _check_switchable(member.name, member.module)
-            out = member.side == "out" or isinstance(member.module, NORM_TYPES) or _depthwise(
-                member.module)
+            check_switchable(member.name, member.module)
+            out = is_out_side(member.side, member.module)
             positions = torch.tensor(member.positions, dtype=torch.long)
             delta = 0
-            for segment, size in zip(segments, new, strict=True):
+            for segment, size in zip(parts, new, strict=True):
                 covered = int(torch.isin(positions, segment).sum())
                 if covered % len(segment):
                     raise SlimmingError(
@@ -127,7 +117,6 @@ def resize_groups(model: nn.Module,
                         f"exclude=[{group.root!r}]")
                 delta += covered // len(segment) * (size - len(segment))
             deltas.setdefault((member.name, out), {})[number] = delta
-    del graph
     missing = [] if callable(sizes) else sorted(set(sizes) - set(used))
     if missing:
         raise SlimmingError(f"no channel group is rooted at {missing[:3]} in this model")
@@ -145,15 +134,9 @@ def resize_groups(model: nn.Module,
             f"{str(exc).splitlines()[0][:200]}): something in its forward fixes a channel "
             "count; exclude=[...] the layers around it") from None
     record_step(model, {"widen": {root: list(map(int, s)) for root, s in used.items()},
-                        "exclude": list(excluded), "input_shape": list(example.shape[1:]),
+                        "exclude": list(exclude), "input_shape": list(example.shape[1:]),
                         **(extra or {})})
     return model
-
-
-def _ignored(model: nn.Module, example: torch.Tensor, excluded: Sequence[str]) -> list[nn.Module]:
-    """The classifier and the excluded layers: their output channels never change."""
-    modules = dict(model.named_modules())
-    return [*output_layers(model, example), *(modules[n] for n in excluded)]
 
 
 def _resize(module: nn.Module, delta: int, out: bool) -> None:
@@ -179,7 +162,7 @@ def _resize(module: nn.Module, delta: int, out: bool) -> None:
         shape: tuple[int, ...] = (module.out_features, module.in_features)
         rows = module.out_features
     else:  # a Conv (grouped ones other than depthwise were refused)
-        if _depthwise(module):
+        if is_depthwise(module):
             module.out_channels = module.in_channels = module.groups = module.out_channels + delta
         elif out:
             module.out_channels += delta
