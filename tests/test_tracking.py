@@ -192,7 +192,8 @@ def test_an_unknown_tracker_or_a_missing_package_is_one_clear_error(tmp_path,
                                                                      monkeypatch) -> None:
     with pytest.raises(ConfigError, match=r"unknown tracker 'mlfow'.*Did you mean 'mlflow'"):
         tiny(tmp_path, track="mlfow")
-    monkeypatch.setattr(tracking, "_installed", lambda module: module != "mlflow")
+    monkeypatch.setattr(tracking, "missing_packages",
+                        lambda *names: [n for n in names if n == "mlflow"])
     config = tiny(tmp_path, track="mlflow")
     with pytest.raises(ConfigError, match=r"needs mlflow.*pip install 'prunelab\[track\]'"):
         run_job(config, quiet=True)
@@ -349,7 +350,7 @@ def test_phases_get_metric_safe_names_and_steps_that_go_on() -> None:
 def test_a_run_that_fails_is_tracked_as_failed(tmp_path, monkeypatch) -> None:
     recorder = Recorder()
     monkeypatch.setattr(tracking, "open_tracker", lambda track, name: recorder)
-    monkeypatch.setattr(tracking, "_installed", lambda module: True)  # the recorder needs none
+    monkeypatch.setattr(tracking, "missing_packages", lambda *names: [])  # the recorder needs none
 
     def broken(*args, **kwargs):
         raise PrunelabError("pruning went wrong")

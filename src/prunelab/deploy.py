@@ -32,7 +32,7 @@ from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
 from prunelab.sparsity.nm import follows_nm
-from prunelab.utils import require, torch_threads, warn_if_emulated_bf16
+from prunelab.utils import missing_packages, require, torch_threads, warn_if_emulated_bf16
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: Which package each runtime backend needs, and the extra that installs it.
@@ -156,11 +156,7 @@ def require_backend(backend: str) -> None:
 
 
 def _installed(backend: str) -> bool:
-    try:
-        require_backend(backend)
-    except PrunelabError:
-        return False
-    return True
+    return backend not in _PACKAGES or not missing_packages(*_PACKAGES[backend][0])
 
 
 def _build(backend: str, plain: nn.Module, x: torch.Tensor, precision: str, steps: list[str],

@@ -17,18 +17,17 @@ Install with ``pip install prunelab[hf]``.
 
 from __future__ import annotations
 
-import importlib.util
-
 from torch import nn
 
 from prunelab.errors import InvalidValueError
+from prunelab.utils import missing_packages
 
 _REGISTERED = False
 
 
 def available() -> bool:
     """Whether ``transformers`` is installed (without importing it: the import takes seconds)."""
-    return importlib.util.find_spec("transformers") is not None
+    return not missing_packages("transformers")
 
 
 def register() -> None:

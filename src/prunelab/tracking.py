@@ -9,7 +9,6 @@ training phase, metrics named ``<phase>/<metric>``) and from the results (``fina
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from prunelab.config import CheckedModel
 from prunelab.errors import ConfigError, did_you_mean
 from prunelab.training import Callback, TrainState
+from prunelab.utils import missing_packages
 
 #: The trackers, and the modules each needs (all installed by ``prunelab[track]``).
 TRACKERS: dict[str, tuple[str, ...]] = {
@@ -69,7 +69,7 @@ class TrackConfig(CheckedModel):
         needed = list(TRACKERS[self.backend])
         if self.backend == "mlflow" and _scheme(self.uri) not in _REMOTE_SCHEMES:
             needed += ["sqlalchemy", "alembic"]  # a local SQLite (or other database) store
-        missing = [name for name in needed if not _installed(name)]
+        missing = missing_packages(*needed)
         if missing:
             raise ConfigError(f"tracking with {self.backend} needs {', '.join(missing)}, which "
                               f"is not installed: {INSTALL_HINT}")
@@ -90,10 +90,6 @@ def _scheme(uri: str | None) -> str:
     if uri is None:
         uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:")
     return uri.partition(":")[0] if "://" in uri or uri.startswith("sqlite:") else "file"
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 class Tracker(Protocol):

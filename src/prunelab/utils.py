@@ -17,10 +17,16 @@ from torch import nn
 from prunelab.errors import DiskFullError, InvalidValueError, PrunelabError, is_disk_full
 
 
+def missing_packages(*packages: str) -> list[str]:
+    """Those of ``packages`` that are not installed (checked without importing them: importing
+    transformers or mlflow takes seconds)."""
+    return [name for name in packages if importlib.util.find_spec(name) is None]
+
+
 def require(what: str, packages: tuple[str, ...], extra: str) -> None:
     """One clear error naming the pip extra to install when ``what`` needs an optional package
-    that is missing (checked without importing it)."""
-    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    that is missing."""
+    missing = missing_packages(*packages)
     if missing:
         raise PrunelabError(f"{what} needs {' and '.join(missing)}, which is not installed: "
                             f"pip install 'prunelab[{extra}]'")
