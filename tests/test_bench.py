@@ -181,7 +181,8 @@ def test_recovery_modes_including_scratch_b_budget(tmp_path) -> None:
                                                          (0.75, 2.0, 6)])
 def test_scratch_b_epochs_follow_the_flops_budget(sparsity: float, cap: float | None,
                                                   epochs: int) -> None:
-    from prunelab.experiment import Experiment, MethodChoice
+    from prunelab.experiment import Experiment
+    from prunelab.experiment_config import MethodChoice
     from prunelab.recoveries import RECOVERIES
 
     spec = validate(SweepSpec, tiny_spec())

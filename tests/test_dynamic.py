@@ -12,7 +12,8 @@ from torch import nn
 import prunelab
 from prunelab.cli import main
 from prunelab.errors import ConfigError, PrunelabError
-from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
+from prunelab.experiment import Experiment
+from prunelab.experiment_config import ExperimentConfig, MethodChoice
 from prunelab.sparsity import prunable_weights
 from prunelab.training import Callback, TrainRecipe, TrainState, train
 from prunelab.training.dynamic import DynamicSparsity

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from prunelab.errors import ConfigError
-from prunelab.experiment import Experiment, ExperimentConfig, MethodChoice
+from prunelab.experiment import Experiment
+from prunelab.experiment_config import ExperimentConfig, MethodChoice
 from prunelab.provenance import config_hash, environment
 from prunelab.recoveries import Recovery
 from prunelab.sparsity import check_sparsity

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from prunelab.config import CheckedModel
-from prunelab.experiment import (
+from prunelab.experiment_config import (
     ExperimentConfig,
     MethodChoice,
     RecoveryConfig,

@@ -21,7 +21,8 @@ import torch
 from prunelab.bench.spec import RunSpec, SweepSpec
 from prunelab.checkpoint import load_state_dict, read_checkpoint, save_checkpoint
 from prunelab.errors import PrunelabError, is_disk_full
-from prunelab.experiment import DenseModel, Experiment, MethodChoice
+from prunelab.experiment import DenseModel, Experiment
+from prunelab.experiment_config import MethodChoice
 from prunelab.provenance import config_hash, environment
 from prunelab.tracking import Tracker, Tracking, open_tracker
 

@@ -17,7 +17,8 @@ from prunelab.registry import Registry
 from prunelab.strategies import Strategy
 
 if TYPE_CHECKING:
-    from prunelab.experiment import ExperimentConfig, Run
+    from prunelab.experiment import Run
+    from prunelab.experiment_config import ExperimentConfig
 
 RECOVERIES: Registry[type[Recovery]] = Registry("recovery")
 

@@ -17,7 +17,8 @@ from prunelab.strategies import register_strategy
 from prunelab.training.trainer import Callback, TrainState
 
 if TYPE_CHECKING:
-    from prunelab.experiment import ExperimentConfig, Run
+    from prunelab.experiment import Run
+    from prunelab.experiment_config import ExperimentConfig
 
 
 class Snapshot(Callback):

@@ -14,7 +14,8 @@ from prunelab.strategies import register_strategy
 from prunelab.training.dynamic import DynamicSparsity
 
 if TYPE_CHECKING:
-    from prunelab.experiment import ExperimentConfig, Run
+    from prunelab.experiment import Run
+    from prunelab.experiment_config import ExperimentConfig
 
 
 @register_strategy(RECOVERIES)
