@@ -6,6 +6,9 @@
    (l2-channel), each deployed with the torch, onnxruntime and (when installed) openvino fp32 and
    bf16 backends, against the *dense* model deployed the same way; dense and pruned are timed
    alternately, round by round. onnxruntime and OpenVINO use their own thread pools (all cores).
+3. ``--mlp``: transformer MLP blocks (Linear, GELU, Linear) of GPT-2 small (768 -> 3072 -> 768)
+   and GPT-2 medium (1024 -> 4096 -> 1024), each layer magnitude-pruned to 90%, at 1, 16 and 64
+   tokens, deployed and timed as in 2. (JSON: ``results/deploy_mlp.json``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,19 @@ def end_to_end(name: str, dense: nn.Module, pruned: nn.Module, x: torch.Tensor, 
     return rows
 
 
+def mlp_blocks(rounds: int) -> list[dict]:
+    rows = []
+    for name, width in [("gpt2-small mlp", 768), ("gpt2-medium mlp", 1024)]:
+        dense = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                              nn.Linear(4 * width, width)).eval()
+        pruned = prunelab.prune(copy.deepcopy(dense), "magnitude", sparsity=0.9, scope="layer")
+        for tokens in (64, 16, 1):
+            x = torch.randn(tokens, width)
+            theory = measure(pruned, x).theoretical_speedup
+            rows += end_to_end(f"{name} 90%", dense, pruned, x, rounds, theory)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=30)
@@ -77,9 +93,15 @@ def main() -> None:
                         help="torch threads (1: robust to other processes on the machine)")
     parser.add_argument("--resnet-only", action="store_true",
                         help="only the ResNet-56 end-to-end rows (no crossover, no LeNet)")
+    parser.add_argument("--mlp", action="store_true",
+                        help="only the transformer MLP blocks at 90%% sparsity")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.mlp:
+        report("deploy_mlp", "Transformer MLP blocks at 90% vs dense, deployed alike",
+               mlp_blocks(args.rounds), {"threads": args.threads})
+        return
     results = []
     if not args.resnet_only:
         rows = crossover([1024, 4096], [1, 16, 64], [0.01, 0.05, 0.1, 0.2, 0.3, 0.5],
