@@ -46,6 +46,14 @@ def test_training_learns_and_is_deterministic() -> None:
     assert prunelab.evaluate(a, blobs(seed=0))["top1"] > 90
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_a_model_on_a_gpu_learns_there() -> None:
+    model = mlp().cuda()
+    result = train(model, blobs(), RECIPE, val_data=blobs(seed=0), quiet=True)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 2
+    assert next(model.parameters()).is_cuda
+
+
 def test_bf16_training_runs_the_forward_in_bfloat16_and_keeps_float32_weights() -> None:
     model, seen = mlp(), []
     model[0].register_forward_hook(lambda module, args, out: seen.append(out.dtype))

@@ -168,7 +168,7 @@ def train(
             while state.epoch < recipe.epochs:
                 model.train()
                 epoch_start = time.perf_counter()
-                loss_sum = torch.zeros(())
+                loss_sum = torch.zeros((), device=device)
                 samples = 0
                 progress.start_epoch(state.epoch)
                 if hasattr(train_data, "set_epoch"):  # the shuffle order depends on the epoch only
