@@ -93,7 +93,7 @@ def without(x: torch.Tensor, head: nn.Module, idxs: list[int]) -> torch.Tensor:
         return x
     dim = x.dim() - 1 if isinstance(head, nn.Linear) else 1
     keep = [i for i in range(x.shape[dim]) if i not in set(idxs)]
-    return x.index_select(dim, torch.tensor(keep, dtype=torch.long))
+    return x.index_select(dim, torch.tensor(keep, dtype=torch.long, device=x.device))
 
 
 def difference(pruned: list[torch.Tensor], masked: list[torch.Tensor]) -> dict[str, float]:

@@ -32,7 +32,7 @@ from prunelab.structured.check import (
     without,
     zeroable,
 )
-from prunelab.utils import iter_batches
+from prunelab.utils import iter_batches, model_device
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -146,8 +146,9 @@ def as_example(model: nn.Module, example_input: torch.Tensor | None,
 
 def zeros_input(model: nn.Module, shape: Sequence[int]) -> torch.Tensor:
     """One all-zero input of ``shape``, of the model's input type (token ids for a language
-    model: ``model.input_dtype``)."""
-    return torch.zeros(1, *shape, dtype=getattr(model, "input_dtype", torch.float32))
+    model: ``model.input_dtype``), on the model's device."""
+    return torch.zeros(1, *shape, dtype=getattr(model, "input_dtype", torch.float32),
+                       device=model_device(model))
 
 
 #: Names of the query/key/value projections inside an attention module with ``head_dim``.
