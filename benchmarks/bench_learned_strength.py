@@ -11,6 +11,8 @@ by test error.
 
     python benchmarks/bench_learned_strength.py --method l0 --values 1 10 100 1000
     python benchmarks/bench_learned_strength.py --method str --values 5e-4 2e-3 --s-init -5
+    python benchmarks/bench_learned_strength.py --method l0 --granularity neuron \
+        --optimizer adam --lr 1e-3 --values 0.1 1 10
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ RECIPE = TrainRecipe(epochs=30, batch_size=128, lr=0.05, weight_decay=1e-4, sche
                      channels_last=False)
 
 
-def one_run(method: str, value: float, s_init: float, seed: int, epochs: int, bundle,
-            device: str) -> dict:
+def one_run(method: str, value: float, args: argparse.Namespace, seed: int, bundle) -> dict:
     seed_everything(seed)
-    model = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28)).to(device)
-    recipe = RECIPE.model_copy(update={"epochs": epochs})
+    model = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28)).to(args.device)
+    recipe = RECIPE.model_copy(update={"epochs": args.epochs, "optimizer": args.optimizer,
+                                       "lr": args.lr})
+    s_init = args.s_init
     if method == "l0":
-        chosen = METHODS.get("l0").create(strength=value)
+        chosen = METHODS.get("l0").create(strength=value, granularity=args.granularity)
     else:
         chosen = METHODS.get("str").create(s_init=s_init)
         recipe = recipe.model_copy(update={"weight_decay": value})
@@ -46,11 +49,12 @@ def one_run(method: str, value: float, s_init: float, seed: int, epochs: int, bu
     model = model.cpu()
     measured = prunelab.measure(model, torch.zeros(1, 1, 28, 28))
     return {"method": method, "strength" if method == "l0" else "weight_decay": value,
-            **({"s_init": s_init} if method == "str" else {}), "seed": seed, "epochs": epochs,
+            **({"s_init": s_init} if method == "str" else {"granularity": args.granularity}),
+            "optimizer": args.optimizer, "lr": args.lr, "seed": seed, "epochs": args.epochs,
             "compression_all_params": measured.compression,
             "compression_weights": weight_compression(model),
             "test_error": error(model, bundle), "minutes": result.seconds / 60,
-            "device": device}
+            "device": args.device}
 
 
 def main() -> None:
@@ -60,14 +64,17 @@ def main() -> None:
     parser.add_argument("--values", type=float, nargs="+", required=True,
                         help="L0 penalty strengths, or STR weight decays")
     parser.add_argument("--s-init", type=float, default=-8.0, help="STR's starting threshold")
+    parser.add_argument("--granularity", choices=["weight", "neuron"], default="weight",
+                        help="L0 gates per weight or per output neuron (the paper's choice)")
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default=RECIPE.optimizer)
+    parser.add_argument("--lr", type=float, default=RECIPE.lr)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default=None, help="results file name")
     args = parser.parse_args()
     bundle = prunelab.data.load("mnist")
-    rows = [one_run(args.method, v, args.s_init, s, args.epochs, bundle, args.device)
-            for v in args.values for s in args.seeds]
+    rows = [one_run(args.method, v, args, s, bundle) for v in args.values for s in args.seeds]
     report(args.name or f"learned_strength_{args.method}",
            f"{args.method}: compression learned by training alone, LeNet-300-100 / MNIST", rows,
            {"recipe": RECIPE.model_dump(), "args": vars(args), "data": bundle.source})
