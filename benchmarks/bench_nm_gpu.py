@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 import prunelab
 from prunelab.deploy import deploy
+from prunelab.sparsity.nm import nm_keep_mask
 
 from common import median, report
 
@@ -67,14 +68,6 @@ def graph_ms(fn: Callable[[], object], rounds: int, burst: int) -> float:
     return per_call_ms(graph.replay, rounds, burst)
 
 
-def two_four(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` with the 2 smallest magnitudes of every 4 consecutive inputs zeroed."""
-    groups = weight.reshape(-1, 4)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(1, groups.abs().topk(2, dim=1).indices, True)
-    return (groups * keep).reshape(weight.shape)
-
-
 def compressed(weight: torch.Tensor, cutlass: bool) -> torch.Tensor:
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
@@ -91,7 +84,8 @@ def layers(tokens: list[int], rounds: int, burst: int, refused: dict[str, str]) 
     for name, width, hidden in MLPS:
         for shape in [(hidden, width), (width, hidden)]:
             for dtype in (torch.bfloat16, torch.float16):
-                weight = two_four(torch.randn(shape, device="cuda", dtype=dtype))
+                weight = torch.randn(shape, device="cuda", dtype=dtype)
+                weight = weight * nm_keep_mask(weight.abs(), 2, 4, dim=1)  # prunelab's 2:4
                 probe = torch.randn(64, shape[1], device="cuda", dtype=dtype)
                 kernels = {}
                 for kernel, cutlass in [("cusparselt", False), ("cutlass", True)]:

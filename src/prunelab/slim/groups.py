@@ -30,9 +30,9 @@ def channel_groups(net: nn.Module, example: torch.Tensor,
     """The channel groups of ``net``, with its output layers and the layers matching the
     ``exclude`` name patterns kept at their size (a pattern that matches nothing is refused)."""
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-    roots = [n for n, m in net.named_modules() if isinstance(m, ROOT_TYPES)]
-    check_layer_patterns(roots, {"exclude": patterns})
     modules = dict(net.named_modules())
+    roots = [n for n, m in modules.items() if isinstance(m, ROOT_TYPES)]
+    check_layer_patterns(roots, {"exclude": patterns})
     excluded = [modules[n] for n in roots if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
     return Graph(net, example, [*output_layers(net, example), *excluded]).groups()
 
