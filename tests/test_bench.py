@@ -96,6 +96,26 @@ def test_two_different_methods_need_different_labels() -> None:
     assert len(validate(SweepSpec, tiny_spec(methods=twins)).runs()) == 2
 
 
+def test_a_method_may_list_its_own_recoveries() -> None:
+    """Static uniform masks once, ERK masks with three updates: 4 runs, not 6; keys as if the
+    recoveries had come from the grid."""
+    static, rigl = {"kind": "sparse-train"}, {"kind": "sparse-train", "update": "rigl"}
+    methods = [{"method": "random", "scope": "layer", "label": "uniform", "recoveries": [static]},
+               {"method": "random", "scope": "erk", "label": "erk",
+                "recoveries": [static, {"kind": "sparse-train", "update": "set"}, rigl]}]
+    spec = validate(SweepSpec, tiny_spec(methods=methods, recoveries=["finetune"]))
+    runs = [(r.choice.name, r.recovery.label()) for r in spec.runs()]
+    assert runs == [("uniform", "sparse-train"), ("erk", "sparse-train"),
+                    ("erk", "sparse-train(update=set)"), ("erk", "sparse-train(update=rigl)")]
+    plain = validate(SweepSpec, tiny_spec(methods=[methods[1] | {"recoveries": None}],
+                                          recoveries=[static, rigl]))
+    assert spec.run_key(spec.runs()[-1]) == plain.run_key(plain.runs()[-1])
+    bare = validate(SweepSpec, tiny_spec(methods=["magnitude"]))
+    assert [r.recovery.label() for r in bare.runs()] == ["finetune"]  # the grid's default
+    with pytest.raises(ConfigError, match=r"grid\.methods\.0\.recoveries.*must not be empty"):
+        validate(SweepSpec, tiny_spec(methods=[{"method": "random", "recoveries": []}]))
+
+
 def test_run_keys_hash_method_defaults(monkeypatch) -> None:
     """Spelling out a default gives the same key; changing a default gives a new one, so a
     sweep does not reuse results computed under the old default."""

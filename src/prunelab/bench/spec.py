@@ -71,11 +71,30 @@ class Targets(CheckedModel):
         return [(kind, v) for kind in ("sparsity", *RATIO_KINDS) for v in getattr(self, kind)]
 
 
+class GridMethod(MethodChoice):
+    """A method of a grid. ``recoveries``, when given, replace the grid's for this method
+    alone, so e.g. a static baseline and dynamic sparse training share one sweep without
+    running every pairing."""
+
+    recoveries: list[RecoveryConfig] | None = None
+
+    @field_validator("recoveries")
+    @classmethod
+    def _some_recovery(cls, value: list | None) -> list | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty (leave it out to use the grid's recoveries)")
+        return value
+
+    def choice(self) -> MethodChoice:
+        """The method itself, without its recoveries (what a run and its key hold)."""
+        return MethodChoice.model_validate(self.model_dump(exclude={"recoveries"}))
+
+
 class Grid(CheckedModel):
     """What a sweep varies."""
 
     model_config = ConfigDict(extra="forbid")
-    methods: list[MethodChoice]
+    methods: list[GridMethod]
     targets: Targets
     seeds: list[int] = Field(default_factory=lambda: [0])
     recoveries: list[RecoveryConfig] | None = None
@@ -88,7 +107,7 @@ class Grid(CheckedModel):
         method of that granularity."""
         from prunelab.methods import METHODS
 
-        choices = list(self.methods)
+        choices = [m.choice() for m in self.methods]
         if not self.controls:
             return choices
         listed = {c.method for c in choices}
@@ -99,6 +118,10 @@ class Grid(CheckedModel):
                     listed.add(control)
                     choices.append(MethodChoice(method=control, scope=choice.scope))
         return choices
+
+    def own_recoveries(self, choice: MethodChoice) -> list[RecoveryConfig] | None:
+        """The recoveries listed with ``choice`` in ``methods``, or None (the grid's)."""
+        return next((m.recoveries for m in self.methods if m.name == choice.name), None)
 
     @model_validator(mode="after")
     def _latency_needs_channels(self) -> Grid:
@@ -132,9 +155,9 @@ class Grid(CheckedModel):
 
     @field_validator("methods")
     @classmethod
-    def _distinct_labels(cls, value: list[MethodChoice]) -> list[MethodChoice]:
+    def _distinct_labels(cls, value: list[GridMethod]) -> list[GridMethod]:
         """Results are grouped by label, so two different choices must not share one."""
-        seen: dict[str, MethodChoice] = {}
+        seen: dict[str, GridMethod] = {}
         for choice in value:
             other = seen.setdefault(choice.name, choice)
             if other is choice:
@@ -168,11 +191,12 @@ class SweepSpec(ExperimentConfig):
         return self.grid.recoveries or [self.recovery]
 
     def recoveries_for(self, choice: MethodChoice) -> list[Recovery]:
-        """The recoveries ``choice`` runs with: the grid's, plus Scratch-B for a channel method
-        when controls are on (Liu et al.'s baseline for a pruned architecture)."""
+        """The recoveries ``choice`` runs with: its own if listed with it, else the grid's;
+        plus Scratch-B for a channel method when controls are on (Liu et al.'s baseline for a
+        pruned architecture)."""
         from prunelab.methods import METHODS
 
-        recoveries = self.recoveries()
+        recoveries = self.grid.own_recoveries(choice) or self.recoveries()
         if (self.grid.controls and METHODS.get(choice.method).granularity == "channel"
                 and not any(r.kind == "scratch-b" for r in recoveries)):
             recoveries = [*recoveries, RECOVERIES.get("scratch-b")()]
@@ -217,7 +241,8 @@ class SweepSpec(ExperimentConfig):
         return run.choice if training_variant(run.choice) else None
 
     def snapshot_epochs(self) -> set[int]:
-        return set().union(*(r.snapshot_epochs() for r in self.recoveries()))
+        return set().union(*(r.snapshot_epochs() for c in self.grid.choices()
+                             for r in self.recoveries_for(c)))
 
     def check_plan(self, choices: Sequence[MethodChoice] = (),
                    recoveries: Sequence[Recovery] = ()) -> None:
