@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError, PrunelabError
-from prunelab.metrics.latency import steady_allocator
+from prunelab.metrics.latency import call_times, steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
 from prunelab.sparsity.nm import follows_nm
 from prunelab.utils import missing_packages, require, torch_threads, warn_if_emulated_bf16
@@ -246,23 +245,9 @@ def _fold_batchnorm(model: nn.Module) -> tuple[nn.Module, str]:
 
 
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    """Median time per call of ``fn`` in ms. Where CUDA is in use each sample is a burst of
-    calls with the GPU synchronised around it, as a server keeps the GPU busy: the host's work
-    per call (cuSPARSELt plans its matmul at every call) then overlaps the kernels before it."""
+    """Median time per call of ``fn`` in ms (synchronised bursts where CUDA is in use)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    sync, burst = (torch.cuda.synchronize, 10) if cuda else ((lambda: None), 1)
-    with torch.inference_mode():
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            for _ in range(burst):
-                fn()
-            sync()
-            times.append((time.perf_counter() - start) / burst)
-    return statistics.median(times) * 1e3
+    return statistics.median(call_times(fn, warmup=2, repeats=repeats, cuda=cuda))
 
 
 def _torch(model: nn.Module, x: torch.Tensor, precision: str, sparse: bool, repeats: int,

@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import tempfile
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
+from prunelab.metrics.latency import call_times
 from prunelab.structured.graph import ROOT_TYPES, ChannelGroup
 from prunelab.targets import solve_ratio
 from prunelab.utils import progress_enabled, write_atomically
@@ -175,14 +175,7 @@ class LatencyTable:
             served = deploy(layer, x, backend=self.backend, precision=self.precision,
                             sparse=False, repeats=3, threads=torch.get_num_threads(),
                             onnx_path=Path(folder) / "layer.onnx")  # loaded, then removed
-        with torch.inference_mode():
-            for _ in range(3):
-                served(x)
-            times = []
-            for _ in range(self.repeats):
-                start = time.perf_counter()
-                served(x)
-                times.append((time.perf_counter() - start) * 1e3)
+        times = call_times(lambda: served(x), warmup=3, repeats=self.repeats)
         return min(times)  # other processes only ever add time: the fastest call is the layer's
 
     def layer_ms(self, name: str, cin: int, cout: int) -> float:
