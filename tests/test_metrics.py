@@ -72,6 +72,21 @@ def test_latency_restores_threads_and_reports_median() -> None:
     assert lat.p10_ms <= lat.median_ms <= lat.p90_ms and lat.batch_size == 2 and lat.threads == 1
 
 
+def test_call_times_warms_up_then_times_each_call(monkeypatch) -> None:
+    """One sample per call on the CPU; on a GPU each sample averages a synchronised burst of
+    10 calls (the synchronisation faked here, so the count is checked without a GPU)."""
+    from prunelab.metrics.latency import call_times
+
+    calls: list[int] = []
+    times = call_times(lambda: calls.append(1), warmup=2, repeats=4)
+    assert len(times) == 4 and len(calls) == 6 and all(t >= 0 for t in times)
+    syncs: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: syncs.append(1))
+    calls.clear()
+    assert len(call_times(lambda: calls.append(1), warmup=1, repeats=3, cuda=True)) == 3
+    assert len(calls) == 1 + 3 * 10 and len(syncs) == 2 * 3
+
+
 def test_measure_with_latency_in_summary() -> None:
     m = prunelab.measure(nn.Linear(8, 2), torch.zeros(1, 8), latency=True, latency_repeats=3)
     assert m.summary()["latency_ms"] > 0
