@@ -97,6 +97,18 @@ def test_sandwich_rule_trains_the_largest_and_smallest_every_step() -> None:
     assert slim.get_width(net) == 0.75
 
 
+def test_every_width_trains_in_the_recipes_precision() -> None:
+    """With a bf16 recipe the other widths' forward passes (run by the callback) are under
+    autocast too, not only the loop's own pass at the largest width."""
+    net = slim.convert(Small(), widths=[0.25, 0.5, 1.0])
+    dtypes: list[torch.dtype] = []
+    net.fc.register_forward_hook(lambda m, i, out: dtypes.append(out.dtype) if m.training
+                                 else None)
+    recipe = plain_sgd().model_copy(update={"precision": "bf16"})
+    slim.train(net, [(X, Y)], recipe, quiet=True)
+    assert dtypes == [torch.bfloat16] * 3
+
+
 def test_training_history_reports_the_smallest_width() -> None:
     net = slim.convert(Small(), widths=[0.5, 1.0])
     result = slim.train(net, [(X, Y)], plain_sgd(), val_data=[(X, Y)], quiet=True)

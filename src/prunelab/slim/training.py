@@ -85,7 +85,8 @@ class SlimmableTraining(Callback):
         try:
             for w in self.widths[1:]:
                 set_width(self.net, w)
-                logits = self.net(state.inputs)
+                with state.autocast():  # every width in the recipe's precision
+                    logits = self.net(state.inputs).float()
                 if teacher is not None:
                     loss = -(teacher * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
                 else:

@@ -48,6 +48,15 @@ class TrainState:
     targets: torch.Tensor | None = None
     logits: torch.Tensor | None = None
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The precision the loop runs the forward pass in (bf16 autocast for a ``precision=
+        "bf16"`` recipe), for callbacks that run the model themselves, so every forward pass
+        of a step has the recipe's precision."""
+        if self.recipe.precision != "bf16":
+            return contextlib.nullcontext()
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
 
 class Callback:
     """Hooks into :func:`train`. Override what you need; every hook is optional."""
@@ -81,8 +90,6 @@ class TrainResult:
     best_epoch: int | None = None
     seconds: float = 0.0
 
-
-_FP32 = contextlib.nullcontext()
 
 
 def _to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device, channels_last: bool):
@@ -157,10 +164,8 @@ def train(
     with strided_pointwise_in_nchw(model, channels_last and device.type == "cpu"):
         started = time.perf_counter()
         start_step = state.step
-        autocast = _FP32
         if recipe.precision == "bf16":
             warn_if_emulated_bf16(device, "training")
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         for callback in callbacks:
             callback.on_train_begin(state)
         progress = _Progress(description, recipe.epochs, steps_per_epoch, progress_enabled(quiet))
@@ -183,10 +188,10 @@ def train(
                     norm_stats = _norm_statistics(model) if recipe.on_nonfinite == "skip" else None
                     if state.step == start_step:
                         check_input(model, x)
-                    with input_errors(model, x), autocast:
+                    with input_errors(model, x), state.autocast():
                         logits = model(x)
                         loss = task_loss(logits, y, label_smoothing=recipe.label_smoothing)
-                    if autocast is not _FP32:  # callbacks and penalties see float32
+                    if recipe.precision == "bf16":  # callbacks and penalties see float32
                         logits, loss = logits.float(), loss.float()
                     state.loss, state.inputs, state.targets, state.logits = loss, x, y, logits
                     total = loss
