@@ -5,10 +5,11 @@ and epochs for every variant:
 - ``snet``: one slimmable net, switchable BatchNorm, every width's loss each step;
 - ``naive``: the same with one BatchNorm shared by all widths (the paper's failing baseline);
 - ``individual``: each width exported from an untrained supernet and trained alone;
-- ``usnet``: a US-Net (0.25-1.0, sandwich 4, inplace distillation), each width evaluated with
-  and without BatchNorm calibration.
-Test top-1 per width. Small CPU budgets: trends, not the paper's numbers. Run one variant per
-call (``--variant``), each writes results/slim_accuracy_<variant>.json.
+- ``usnet``: a US-Net (0.25-1.0, sandwich 4, inplace distillation), evaluated at 10 widths with
+  and without BatchNorm calibration;
+- ``usnet-no-distill``: the same with every width learning from the labels (ablation).
+Test top-1 and MACs per width. Small CPU budgets: trends, not the paper's numbers. Run one
+variant per call (``--variant``), each writes results/slim_accuracy_<variant>[_<name>].json.
 """
 
 from __future__ import annotations
@@ -25,10 +26,15 @@ from prunelab.training import TrainRecipe, train
 from common import report
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
+US_WIDTHS = [round(0.25 + k / 12, 4) for k in range(10)]  # 0.25, 0.333, ..., 1.0
 
 
 def test_top1(model, bundle) -> float:
     return evaluate(model, bundle.loader("test", 256), topk=(1,))["top1"]
+
+
+def macs(model) -> int:
+    return prunelab.measure(model, torch.zeros(1, 3, 32, 32)).macs
 
 
 def run(variant: str, seed: int, bundle, recipe: TrainRecipe) -> list[dict]:
@@ -41,17 +47,20 @@ def run(variant: str, seed: int, bundle, recipe: TrainRecipe) -> list[dict]:
         for w in WIDTHS:
             small = slim.export(base, w)
             train(small, loader, recipe, quiet=True)
-            rows.append({"width": w, "top1": test_top1(small, bundle)})
+            rows.append({"width": w, "top1": test_top1(small, bundle), "macs": macs(small)})
         return rows
-    if variant == "usnet":
+    universal = variant.startswith("usnet")
+    if universal:
         net = slim.convert(model, width_range=(WIDTHS[0], WIDTHS[-1]))
     else:
         net = slim.convert(model, widths=WIDTHS, switchable_bn=variant == "snet")
-    slim.train(net, loader, recipe, quiet=True, seed=seed)
-    for w in WIDTHS:
+    slim.train(net, loader, recipe, quiet=True, seed=seed,
+               inplace_distillation=variant == "usnet" if universal else None)
+    for w in US_WIDTHS if universal else WIDTHS:
         with slim.width(net, w):
             row = {"width": w, "top1": test_top1(net, bundle)}
-        if variant == "usnet":
+        row["macs"] = macs(slim.export(net, w))
+        if universal:
             slim.calibrate_bn(net, w, bundle.loader("train", 256, augment=False), limit=10)
             with slim.width(net, w):
                 row["top1 (uncalibrated)"] = row["top1"]
@@ -62,24 +71,28 @@ def run(variant: str, seed: int, bundle, recipe: TrainRecipe) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--variant", choices=["snet", "naive", "individual", "usnet"],
-                        required=True)
+    parser.add_argument("--variant", required=True,
+                        choices=["snet", "naive", "individual", "usnet", "usnet-no-distill"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=5000, help="samples per split")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default=None, help="suffix of the results file name")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     bundle = prunelab.data.load("cifar10", limit=args.limit)
     recipe = TrainRecipe(epochs=args.epochs, batch_size=128, lr=0.1, weight_decay=1e-4,
-                         schedule="cosine")
+                         schedule="cosine", precision=args.precision)
     rows = []
     for seed in args.seeds:
         for row in run(args.variant, seed, bundle, recipe):
             rows.append({"variant": args.variant, "seed": seed, **row})
-    report(f"slim_accuracy_{args.variant}",
-           f"ResNet-20 {args.variant}, CIFAR-10 JPEG subset ({args.limit}/split), "
-           f"{args.epochs} epochs, test top-1", rows,
-           extra={"epochs": args.epochs, "limit": args.limit, "source": bundle.source})
+    name = f"slim_accuracy_{args.variant}" + (f"_{args.name}" if args.name else "")
+    report(name, f"ResNet-20 {args.variant}, CIFAR-10 JPEG subset ({args.limit}/split), "
+           f"{args.epochs} epochs ({args.precision}), test top-1", rows,
+           extra={"epochs": args.epochs, "limit": args.limit, "precision": args.precision,
+                  "source": bundle.source})
 
 
 if __name__ == "__main__":
