@@ -37,26 +37,27 @@ def macs(model) -> int:
     return prunelab.measure(model, torch.zeros(1, 3, 32, 32)).macs
 
 
-def run(variant: str, seed: int, bundle, recipe: TrainRecipe) -> list[dict]:
+def run(variant: str, seed: int, bundle, recipe: TrainRecipe,
+        widths: list[float] = WIDTHS) -> list[dict]:
     torch.manual_seed(seed)
     model = prunelab.models.create("resnet20")
     loader = bundle.loader("train", recipe.batch_size, shuffle=True, seed=seed)
     rows = []
     if variant == "individual":
-        base = slim.convert(model, widths=WIDTHS)
-        for w in WIDTHS:
+        base = slim.convert(model, widths=widths)
+        for w in widths:
             small = slim.export(base, w)
             train(small, loader, recipe, quiet=True)
             rows.append({"width": w, "top1": test_top1(small, bundle), "macs": macs(small)})
         return rows
     universal = variant.startswith("usnet")
     if universal:
-        net = slim.convert(model, width_range=(WIDTHS[0], WIDTHS[-1]))
+        net = slim.convert(model, width_range=(widths[0], widths[-1]))
     else:
-        net = slim.convert(model, widths=WIDTHS, switchable_bn=variant == "snet")
+        net = slim.convert(model, widths=widths, switchable_bn=variant == "snet")
     slim.train(net, loader, recipe, quiet=True, seed=seed,
                inplace_distillation=variant == "usnet" if universal else None)
-    for w in US_WIDTHS if universal else WIDTHS:
+    for w in US_WIDTHS if universal else widths:
         with slim.width(net, w):
             row = {"width": w, "top1": test_top1(net, bundle)}
         row["macs"] = macs(slim.export(net, w))
@@ -78,20 +79,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--widths", type=float, nargs="+", default=WIDTHS,
+                        help="S-Net / individual widths, ascending")
     parser.add_argument("--name", default=None, help="suffix of the results file name")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     bundle = prunelab.data.load("cifar10", limit=args.limit)
-    recipe = TrainRecipe(epochs=args.epochs, batch_size=128, lr=0.1, weight_decay=1e-4,
+    recipe = TrainRecipe(epochs=args.epochs, batch_size=128, lr=args.lr, weight_decay=1e-4,
                          schedule="cosine", precision=args.precision)
     rows = []
     for seed in args.seeds:
-        for row in run(args.variant, seed, bundle, recipe):
+        for row in run(args.variant, seed, bundle, recipe, sorted(args.widths)):
             rows.append({"variant": args.variant, "seed": seed, **row})
     name = f"slim_accuracy_{args.variant}" + (f"_{args.name}" if args.name else "")
     report(name, f"ResNet-20 {args.variant}, CIFAR-10 JPEG subset ({args.limit}/split), "
            f"{args.epochs} epochs ({args.precision}), test top-1", rows,
            extra={"epochs": args.epochs, "limit": args.limit, "precision": args.precision,
+                  "lr": args.lr, "widths": sorted(args.widths),
                   "source": bundle.source})
 
 
