@@ -6,7 +6,9 @@ and epochs for every variant:
 - ``naive``: the same with one BatchNorm shared by all widths (the paper's failing baseline);
 - ``individual``: each width exported from an untrained supernet and trained alone;
 - ``usnet``: a US-Net (0.25-1.0, sandwich 4, inplace distillation), evaluated at 10 widths with
-  and without BatchNorm calibration;
+  and without BatchNorm calibration, and (a diagnostic, not a deployable number) with each test
+  batch normalised by its own statistics, which separates a badly trained net from bad
+  BatchNorm statistics;
 - ``usnet-no-distill``: the same with every width learning from the labels (ablation).
 Test top-1 and MACs per width. Small CPU budgets: trends, not the paper's numbers. Run one
 variant per call (``--variant``), each writes results/slim_accuracy_<variant>[_<name>].json.
@@ -15,6 +17,7 @@ variant per call (``--variant``), each writes results/slim_accuracy_<variant>[_<
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -31,6 +34,17 @@ US_WIDTHS = [round(0.25 + k / 12, 4) for k in range(10)]  # 0.25, 0.333, ..., 1.
 
 def test_top1(model, bundle) -> float:
     return evaluate(model, bundle.loader("test", 256), topk=(1,))["top1"]
+
+
+def top1_batch_statistics(net, w: float, bundle) -> float:
+    """Test top-1 at width ``w`` with every BatchNorm using the test batch's own statistics."""
+    probe = copy.deepcopy(net).train()  # train-mode BatchNorm; the copy absorbs the updates
+    correct = total = 0
+    with torch.no_grad(), slim.width(probe, w):
+        for x, y in bundle.loader("test", 256):
+            correct += int((probe(x).argmax(1) == y).sum())
+            total += len(y)
+    return 100.0 * correct / total
 
 
 def macs(model) -> int:
@@ -66,6 +80,7 @@ def run(variant: str, seed: int, bundle, recipe: TrainRecipe,
             with slim.width(net, w):
                 row["top1 (uncalibrated)"] = row["top1"]
                 row["top1"] = test_top1(net, bundle)
+            row["top1 (test-batch statistics)"] = top1_batch_statistics(net, w, bundle)
         rows.append(row)
     return rows
 
