@@ -65,7 +65,7 @@ def main() -> None:
                         help="L0 penalty strengths, or STR weight decays")
     parser.add_argument("--s-init", type=float, default=-8.0, help="STR's starting threshold")
     parser.add_argument("--granularity", choices=["weight", "neuron"], default="weight",
-                        help="L0 gates per weight or per output neuron (the paper's choice)")
+                        help="L0 gates per weight or per neuron (Linear inputs, as the paper)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default=RECIPE.optimizer)
     parser.add_argument("--lr", type=float, default=RECIPE.lr)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -168,10 +168,39 @@ def test_l0_training_bakes_test_time_gates_into_masks(granularity: str) -> None:
     for c in callbacks:
         c.on_train_end(state(model))
     mask = prunelab.sparsity.get_mask(model[0])
-    assert mask is not None and not mask[:2].any()
-    assert model[0].weight[:2].abs().sum() == 0
-    if granularity == "neuron":
-        assert mask[2:].all()
+    if granularity == "weight":
+        assert mask is not None and not mask[:2].any()
+        assert model[0].weight[:2].abs().sum() == 0
+    else:  # a Linear layer's neuron gates are its input units: whole columns go
+        assert mask is not None and not mask[:, :2].any() and mask[:, 2:].all()
+        assert model[0].weight[:, :2].abs().sum() == 0
+
+
+def test_l0_neuron_gates_count_the_weights_they_switch_off() -> None:
+    """Louizos et al.'s group form: E[L0] = Σ_g |g|·P(z_g ≠ 0); a Linear layer's gates sit on
+    its inputs (so the classifier's outputs are never gated), a convolution's on its filters."""
+    from prunelab.methods.l0_gates import GAMMA, ZETA, L0Callback
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 5),
+                          nn.ReLU(), nn.Linear(5, 3))
+    callback = L0Callback(strength=2.0, granularity="neuron", temperature=0.5)
+    callback.on_setup(model)
+    gates = callback.gates(model)
+    assert [tuple(g.log_alpha.shape) for g in gates] == [(4,), (16,), (5,)]
+    assert [g.group_size for g in gates] == [3 * 3 * 3, 5, 3]  # weights per filter / column
+    with torch.no_grad():
+        for g in gates:
+            g.log_alpha.normal_()
+    callback.penalty(state(model, batch_size=10, steps=3)).backward()  # N = 30
+    for g in gates:
+        p = torch.sigmoid(g.log_alpha.detach() - 0.5 * torch.log(torch.tensor(-GAMMA / ZETA)))
+        assert torch.allclose(g.log_alpha.grad, 2.0 / 30 * g.group_size * p * (1 - p))
+    with torch.no_grad():  # closing a filter's gate zeroes that filter's output channel
+        gates[0].log_alpha[1] = -10.0
+        gates[2].log_alpha[3] = -10.0
+        gates[0].eval(), gates[2].eval()
+        assert model[0].weight[1].abs().sum() == 0 and model[0].weight[0].abs().sum() > 0
+        assert model[4].weight[:, 3].abs().sum() == 0 and model[4].weight[:, 2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("value", [0.0, -1.0])

@@ -1,12 +1,16 @@
 """L0 regularisation with hard-concrete gates (Louizos, Welling & Kingma 2018).
 
-Each weight (or each output neuron/filter) is multiplied by a gate ``z ∈ [0, 1]``. In training
+Each weight (or each neuron: an input unit of a Linear layer, an output filter of a convolution,
+as in the authors' code) is multiplied by a gate ``z ∈ [0, 1]``. In training
 ``z`` is sampled from the hard-concrete distribution: ``u ~ U(0, 1)``,
 ``s = σ((log u − log(1 − u) + log α)/β)``, stretched to ``(γ, ζ) = (−0.1, 1.1)`` and clipped to
 ``[0, 1]``, so gates are exactly 0 or 1 with non-zero probability. The expected number of
-non-zero gates, ``Σ σ(log α − β·log(−γ/ζ))``, is differentiable in ``log α`` and is the penalty
-(times ``strength / N``, N training examples, as the paper scales it). At test time the gate is
-deterministic: ``clip(σ(log α)·(ζ − γ) + γ, 0, 1)``, which reaches exact zeros.
+non-zero weights, ``Σ_g |g|·σ(log α_g − β·log(−γ/ζ))`` (|g| the weights gate g multiplies: 1 per
+weight, a column or a filter per neuron, the paper's group-sparsity form), is differentiable in
+``log α`` and is the penalty (times ``strength / N``, N training examples, as the paper scales
+it). At test time the gate is deterministic: ``clip(σ(log α)·(ζ − γ) + γ, 0, 1)``, which reaches
+exact zeros. Gating a Linear layer's inputs rather than its outputs means a classifier's class
+outputs are never switched off.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ GRANULARITIES = ("weight", "neuron")
 
 
 class HardConcreteGate(LearnedWeight):
-    """``w -> w · z`` with one hard-concrete gate per weight or per output row."""
+    """``w -> w · z`` with one hard-concrete gate per weight, or per slice of the weight along
+    ``dim`` (``shape`` is then ``(weight.shape[dim],)``), each slice of ``group_size`` weights."""
 
-    def __init__(self, shape: tuple[int, ...], temperature: float, init_keep: float):
+    def __init__(self, shape: tuple[int, ...], temperature: float, init_keep: float,
+                 dim: int = 0, group_size: int = 1):
         super().__init__()
         self.temperature = check_positive(temperature, "temperature", strict=True)
         self.log_alpha = nn.Parameter(torch.full(shape, math.log(init_keep / (1 - init_keep))))
+        self.dim, self.group_size = dim, group_size
 
     def gate(self) -> torch.Tensor:
         if self.training:
@@ -52,12 +59,18 @@ class HardConcreteGate(LearnedWeight):
         return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
     def expected_l0(self) -> torch.Tensor:
-        """Σ P(z ≠ 0) = Σ σ(log α − β·log(−γ/ζ))."""
-        return torch.sigmoid(self.log_alpha - self.temperature * math.log(-GAMMA / ZETA)).sum()
+        """Expected non-zero weights: Σ |g|·P(z_g ≠ 0) = Σ |g|·σ(log α − β·log(−γ/ζ))."""
+        open_probability = torch.sigmoid(
+            self.log_alpha - self.temperature * math.log(-GAMMA / ZETA))
+        return self.group_size * open_probability.sum()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         z = self.gate()
-        return weight * z.reshape(z.shape + (1,) * (weight.dim() - z.dim()))
+        if z.dim() == weight.dim():
+            return weight * z
+        shape = [1] * weight.dim()
+        shape[self.dim] = z.numel()
+        return weight * z.reshape(shape)
 
 
 class L0Callback(GateCallback):
@@ -76,8 +89,11 @@ class L0Callback(GateCallback):
 
     def make_gate(self, weight: PrunableWeight) -> LearnedWeight:
         shape = tuple(weight.original.shape)
-        shape = shape[:1] if self.granularity == "neuron" else shape
-        return HardConcreteGate(shape, self.temperature, self.init_keep)
+        if self.granularity == "weight":
+            return HardConcreteGate(shape, self.temperature, self.init_keep)
+        dim = 1 if isinstance(weight.module, nn.Linear) else 0  # input units / output filters
+        return HardConcreteGate((shape[dim],), self.temperature, self.init_keep, dim=dim,
+                                group_size=math.prod(shape) // shape[dim])
 
     def penalty(self, state: TrainState) -> torch.Tensor:
         gates = [g for m in state.model.modules() if isinstance(g := learned(m), HardConcreteGate)]
@@ -89,10 +105,12 @@ class L0Callback(GateCallback):
 @dataclass
 class L0Regularization(LearnedMaskMethod):
     """L0 regularisation with hard-concrete gates (Louizos et al. 2018), per weight or per
-    output neuron/filter (``granularity``). Trained with ``strength · E[L0] / N`` (the paper's
-    λ; N training examples); ``temperature`` is β (2/3 in the paper). At the end the
-    deterministic test-time gates multiply the weights and their zeros are the mask (whole rows
-    for ``neuron``), topped up by magnitude only if the target asks for more.
+    neuron (``granularity``: an input unit of each Linear layer, an output filter of each
+    convolution, as in the authors' code). Trained with ``strength · E[L0] / N`` (the paper's
+    λ; N training examples; E[L0] counts the weights a neuron's gate switches off, the paper's
+    group form); ``temperature`` is β (2/3 in the paper). At the end the deterministic
+    test-time gates multiply the weights and their zeros are the mask (whole input columns or
+    filters for ``neuron``), topped up by magnitude only if the target asks for more.
     """
 
     strength: float = 0.1
