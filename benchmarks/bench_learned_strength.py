@@ -33,6 +33,12 @@ RECIPE = TrainRecipe(epochs=30, batch_size=128, lr=0.05, weight_decay=1e-4, sche
                      channels_last=False)
 
 
+def inputs_kept(model: torch.nn.Module) -> str:
+    """Input units each Linear layer still reads, e.g. "219-214-100" (Louizos et al.'s Table 1)."""
+    return "-".join(str(int((m.weight != 0).any(0).sum())) for m in model.modules()
+                    if isinstance(m, torch.nn.Linear))
+
+
 def one_run(method: str, value: float, args: argparse.Namespace, seed: int, bundle) -> dict:
     seed_everything(seed)
     model = prunelab.models.create("lenet-300-100", input_shape=(1, 28, 28)).to(args.device)
@@ -53,7 +59,8 @@ def one_run(method: str, value: float, args: argparse.Namespace, seed: int, bund
             "optimizer": args.optimizer, "lr": args.lr, "seed": seed, "epochs": args.epochs,
             "compression_all_params": measured.compression,
             "compression_weights": weight_compression(model),
-            "test_error": error(model, bundle), "minutes": result.seconds / 60,
+            "test_error": error(model, bundle), "inputs_kept": inputs_kept(model),
+            "minutes": result.seconds / 60,
             "device": args.device}
 
 
