@@ -46,7 +46,8 @@ def one_run(method: str, value: float, args: argparse.Namespace, seed: int, bund
                                        "lr": args.lr})
     s_init = args.s_init
     if method == "l0":
-        chosen = METHODS.get("l0").create(strength=value, granularity=args.granularity)
+        chosen = METHODS.get("l0").create(strength=value, granularity=args.granularity,
+                                          init_keep=args.init_keep)
     else:
         chosen = METHODS.get("str").create(s_init=s_init)
         recipe = recipe.model_copy(update={"weight_decay": value})
@@ -55,7 +56,8 @@ def one_run(method: str, value: float, args: argparse.Namespace, seed: int, bund
     model = model.cpu()
     measured = prunelab.measure(model, torch.zeros(1, 1, 28, 28))
     return {"method": method, "strength" if method == "l0" else "weight_decay": value,
-            **({"s_init": s_init} if method == "str" else {"granularity": args.granularity}),
+            **({"s_init": s_init} if method == "str" else
+               {"granularity": args.granularity, "init_keep": args.init_keep}),
             "optimizer": args.optimizer, "lr": args.lr, "seed": seed, "epochs": args.epochs,
             "compression_all_params": measured.compression,
             "compression_weights": weight_compression(model),
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--s-init", type=float, default=-8.0, help="STR's starting threshold")
     parser.add_argument("--granularity", choices=["weight", "neuron"], default="weight",
                         help="L0 gates per weight or per neuron (Linear inputs, as the paper)")
+    parser.add_argument("--init-keep", type=float, default=0.9,
+                        help="L0 gates' starting open probability (the authors' code: 0.5)")
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default=RECIPE.optimizer)
     parser.add_argument("--lr", type=float, default=RECIPE.lr)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=int, default=FINETUNE.epochs)
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05],
                         help="fine-tuning learning rates; chosen on the first seed's validation")
+    parser.add_argument("--name", default="mnist_quality", help="results file name")
     args = parser.parse_args()
     bundle = prunelab.data.load("mnist")
     run = partial(one_seed, bundle=bundle, rounds=tuple(args.rounds),
@@ -90,7 +91,7 @@ def main() -> None:
     for key, (mean, std) in summary.items():
         print(f"{key}: {mean:.2f} ± {std:.2f} %")
     print(f"12x: {loss_12:+.2f} points vs dense (target <= +0.10)")
-    report("mnist_quality", "LeNet-300-100 / MNIST, iterative magnitude pruning (test error %)",
+    report(args.name, "LeNet-300-100 / MNIST, iterative magnitude pruning (test error %)",
            rows, {"summary_mean_std": summary, "loss_at_12x_points": loss_12,
                   "dense_recipe": DENSE.model_dump(), "finetune_lr_chosen": lr,
                   "lr_selection_val_error_12x": {k: v["val_error_12x"] for k, v in first.items()},

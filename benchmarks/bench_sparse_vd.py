@@ -51,13 +51,16 @@ def one_seed(seed: int, bundle, model_name: str, dense_epochs: int, vd_epochs: i
     method = METHODS.get("sparse-vd").create(warmup_epochs=warmup)
     result = train(model, bundle.loader("train", VD.batch_size, shuffle=True, seed=seed),
                    VD.model_copy(update={"epochs": vd_epochs}), val_data=val,
-                   callbacks=method.training_callbacks(), quiet=True)
+                   callbacks=method.training_callbacks(), description=f"sparse VD, seed {seed}")
     measured = prunelab.measure(model, torch.zeros(1, 1, 28, 28))
-    return {"seed": seed, "model": model_name, "dense_epochs": dense_epochs,
-            "vd_epochs": vd_epochs, "dense_error": dense_error, "vd_error": error(model, bundle),
-            "compression_all_params": measured.compression,
-            "compression_weights": weight_compression(model),
-            "minutes": result.seconds / 60}
+    row = {"seed": seed, "model": model_name, "dense_epochs": dense_epochs,
+           "vd_epochs": vd_epochs, "dense_error": dense_error, "vd_error": error(model, bundle),
+           "compression_all_params": measured.compression,
+           "compression_weights": weight_compression(model),
+           "minutes": result.seconds / 60}
+    print(f"seed {seed}: dense {dense_error:.2f}% -> sparse VD {row['vd_error']:.2f}% error, "
+          f"{row['compression_weights']:.1f}x (weights), {row['minutes']:.1f} min", flush=True)
+    return row
 
 
 def main() -> None:

@@ -127,6 +127,28 @@ def test_str_training_ends_with_ordinary_masks() -> None:
     assert prunelab.sparsity.mask_sparsity(model) == pytest.approx(0.9, abs=0.02)
 
 
+@pytest.mark.parametrize(("name", "param", "decays"), [
+    ("l0", "log_alpha", False), ("sparse-vd", "log_sigma2", False), ("str", "s", True)])
+def test_weight_decay_reaches_a_gate_only_where_the_method_uses_it(
+        name: str, param: str, decays: bool) -> None:
+    """L0's log α and sparse VD's log σ² have their penalty as prior (no weight decay in the
+    papers); STR's threshold is made sparse *by* weight decay. One SGD step on a zero loss moves
+    exactly the parameters that decay, by lr · weight_decay · value."""
+    model = mlp()
+    for callback in METHODS.get(name).create().training_callbacks():
+        callback.on_setup(model)
+    optimizer = TrainRecipe(lr=0.5, momentum=0.0, weight_decay=0.1).make_optimizer(model)
+    gate = model[0].parametrizations.weight[0]
+    before = getattr(gate, param).detach().clone()
+    weight_before = model[0].parametrizations.weight.original.detach().clone()
+    (0 * sum(p.sum() for p in model.parameters())).backward()
+    optimizer.step()
+    expected = before * (1 - 0.5 * 0.1) if decays else before
+    torch.testing.assert_close(getattr(gate, param).detach(), expected)
+    torch.testing.assert_close(model[0].parametrizations.weight.original.detach(),
+                               weight_before * (1 - 0.5 * 0.1))  # the weights always decay
+
+
 def test_l0_penalty_gradient_matches_the_expected_l0_formula() -> None:
     from prunelab.methods.l0_gates import GAMMA, ZETA, L0Callback
 

@@ -41,7 +41,10 @@ GRANULARITIES = ("weight", "neuron")
 
 class HardConcreteGate(LearnedWeight):
     """``w -> w · z`` with one hard-concrete gate per weight, or per slice of the weight along
-    ``dim`` (``shape`` is then ``(weight.shape[dim],)``), each slice of ``group_size`` weights."""
+    ``dim`` (``shape`` is then ``(weight.shape[dim],)``), each slice of ``group_size`` weights.
+    ``log α`` is regularised by the expected L0 only (no weight decay), as in the paper."""
+
+    no_weight_decay = True
 
     def __init__(self, shape: tuple[int, ...], temperature: float, init_keep: float,
                  dim: int = 0, group_size: int = 1):

@@ -41,7 +41,13 @@ def dataset_size(state: TrainState) -> int:
 
 
 class LearnedWeight(nn.Module):
-    """A parametrization whose eval-mode value is the final (sparse) weight."""
+    """A parametrization whose eval-mode value is the final (sparse) weight.
+
+    ``no_weight_decay``: the optimiser's weight decay leaves this gate's own parameters alone
+    (see :func:`prunelab.training.parameter_groups`); set where the method's penalty is their
+    prior, keep False where the method relies on weight decay (STR's thresholds)."""
+
+    no_weight_decay: bool = False
 
     def install(self, module: nn.Module, param: str) -> None:
         """Called after registration (e.g. to add forward hooks)."""

@@ -46,7 +46,9 @@ def neg_kl(log_alpha: torch.Tensor) -> torch.Tensor:
 
 class VariationalWeight(LearnedWeight):
     """``θ`` in training (the forward hook adds the output noise), ``θ·[log α ≤ threshold]``
-    in eval. Holds ``log σ²``, one per weight."""
+    in eval. Holds ``log σ²``, one per weight, regularised by the KL only (no weight decay)."""
+
+    no_weight_decay = True
 
     def __init__(self, shape: torch.Size, threshold: float, init_log_sigma2: float):
         super().__init__()

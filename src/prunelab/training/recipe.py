@@ -18,6 +18,23 @@ from torch import nn
 from prunelab.config import CheckedModel
 
 
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimiser parameter groups: trainable parameters with ``weight_decay``, except those owned
+    directly by a module with ``no_weight_decay = True``, which get none.
+
+    Learned-sparsity gates set it when their own penalty is their whole prior (L0 gates' log α,
+    sparse VD's log σ²): weight decay on them would pull gates shut (or add noise) by itself,
+    which the papers do not do. Pass the result to any ``torch.optim`` optimiser in a loop of
+    your own: ``torch.optim.SGD(parameter_groups(model, 1e-4), lr=0.1, momentum=0.9)``.
+    """
+    exempt = {id(p) for m in model.modules() if getattr(m, "no_weight_decay", False)
+              for p in m.parameters(recurse=False)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) not in exempt], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 class TrainRecipe(CheckedModel):
     """How to train (or fine-tune) a model. Every field has a sensible default.
 
@@ -64,17 +81,17 @@ class TrainRecipe(CheckedModel):
         return data
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
-        params = [p for p in model.parameters() if p.requires_grad]
+        """The recipe's optimiser over ``parameter_groups(model, weight_decay)``."""
+        params = parameter_groups(model, self.weight_decay)
         if self.optimizer == "sgd":
             return torch.optim.SGD(
                 params,
                 lr=self.lr,
                 momentum=self.momentum,
                 nesterov=self.nesterov and self.momentum > 0,
-                weight_decay=self.weight_decay,
             )
         cls = torch.optim.Adam if self.optimizer == "adam" else torch.optim.AdamW
-        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+        return cls(params, lr=self.lr)
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """Learning-rate multiplier at optimiser step ``step`` of ``total_steps``."""
