@@ -6,7 +6,8 @@ calls them at the right places of a plain PyTorch loop::
     method = prunelab.methods.METHODS.get("sparse-vd").create()
     reg = Regularizer(model, method.training_callbacks(), steps_per_epoch=len(loader),
                       batch_size=128, epochs=10)       # gates are added here ...
-    optimizer = torch.optim.Adam(model.parameters())   # ... so create the optimiser after
+    optimizer = torch.optim.Adam(parameter_groups(model, 0.0))  # ... so create it after
+                                                       # (gates then skip any weight decay)
     reg.begin(optimizer)
     for epoch in range(10):
         for x, y in loader:
