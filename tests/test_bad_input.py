@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -365,3 +366,125 @@ def test_an_unpruned_model_has_compression_exactly_1() -> None:
     assert pruned.nonzero_params == m.params - removed
     prunelab.make_permanent(model)  # the zeros baked into plain weights still count
     assert prunelab.measure(model, x).nonzero_params == m.params - removed
+
+
+# -- option bounds, targets and scopes: refused when the method is created or the sweep planned
+
+@pytest.mark.parametrize(("method", "options", "message"), [
+    ("snip", {"batches": 0}, "'batches' must be int >= 1 \\| None, got 0"),
+    ("grasp", {"temperature": 0}, "'temperature' must be float > 0"),
+    ("obd", {"probes": 0}, "'probes' must be int >= 1"),
+    ("synflow", {"rounds": 0}, "'rounds' must be int >= 1"),
+    ("synflow", {"nm": "2:4", "rounds": 3}, "set rounds: 1"),
+    ("merge", {"calibration_batches": 0}, "'calibration_batches' must be int >= 1"),
+    ("autoslim", {"min_width": 0}, "'min_width' must be float > 0 and < 1"),
+    ("autoslim", {"step": 0}, "'step' must be float > 0 and < 1"),
+    ("autoslim", {"search_batches": -1}, "'search_batches' must be int >= 1"),
+    ("slimmable", {"widths": [0, 1.0]}, "'widths' must be list\\[float > 0 and <= 1\\]"),
+    ("slimmable", {"sandwich": 1}, "'sandwich' must be int >= 2"),
+    ("sss", {"strength": -1.0}, "'strength' must be float >= 0"),
+    ("sss", {"momentum": 2.0}, "'momentum' must be float >= 0 and < 1"),
+    ("slimming", {"l1": -1.0}, "'l1' must be float >= 0"),
+    ("sparse-vd", {"threshold": float("nan")}, "'threshold' must be a finite number"),
+    ("sparse-vd", {"threshold": -8.0}, "threshold is a log α in \\(-8, 8\\)"),
+    ("magnitude", {"nm": "4:2"}, "0 < N < M"),
+])
+def test_option_values_out_of_bounds_are_refused_at_creation(method, options, message) -> None:
+    from prunelab.methods import METHODS
+
+    with pytest.raises(PrunelabError, match=message):
+        METHODS.get(method).create(**options)
+
+
+def test_prunelab_methods_shows_each_options_bounds() -> None:
+    from prunelab.methods import METHODS
+
+    table = {name: kind for name, kind, _ in METHODS.get("autoslim").option_table()}
+    assert table["min_width"] == "float > 0 and < 1" and table["sandwich"] == "int >= 2"
+
+
+@pytest.mark.parametrize(("method", "options", "target", "value", "scope", "message"), [
+    ("magnitude", {"nm": "2:4"}, "sparsity", 0.9, "global", "pass sparsity=0.5"),
+    ("autoslim", {}, "sparsity", 0.5, "global", "takes a target of speedup or latency"),
+    ("slimmable", {}, "compression", 2.0, "global", "takes a target of speedup or sparsity"),
+    ("l2-channel", {}, "sparsity", 0.5, "erk", "takes scope global or layer, not 'erk'"),
+    ("magnitude", {}, "compression", float("inf"), "global", "ratio >= 1"),
+    ("magnitude", {}, "speedup", float("nan"), "global", "ratio >= 1"),
+])
+def test_requests_a_method_cannot_serve_are_refused(method, options, target, value, scope,
+                                                    message) -> None:
+    from prunelab.methods import METHODS
+
+    with pytest.raises(PrunelabError, match=message):
+        METHODS.get(method).create(**options).check_request(target, value, scope)
+
+
+def test_a_one_in_three_pattern_takes_the_sparsity_as_printed() -> None:
+    layer = nn.Linear(6, 4)
+    prunelab.prune(layer, "magnitude", 0.6667, nm="1:3")
+    assert ((layer.weight != 0).reshape(4, 2, 3).sum(-1) == 1).all()
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ({"targets": {"compression": [float("inf")]}}, "finite ratios >= 1"),
+    ({"targets": {"speedup": [float("nan")]}}, "finite ratios >= 1"),
+    ({"methods": [{"method": "sparse-vd", "options": {"threshold": float("nan")}}]},
+     "must be a finite number"),
+    ({"methods": [{"method": "magnitude", "options": {"nm": "2:4"}}],
+      "targets": {"sparsity": [0.9]}}, "pass sparsity=0.5"),
+    ({"methods": [{"method": "l1-filter", "scope": "erk"}]}, "takes scope global or layer"),
+    ({"methods": [{"method": "slimmable", "options": {"sandwich": 1}}]}, "'sandwich' must be"),
+])
+def test_sweeps_refuse_what_no_run_could_serve_before_writing_anything(tmp_path, capsys, grid,
+                                                                       message) -> None:
+    spec = tiny_spec(**grid) | {"dataset": "digits"}
+    line = cli_error(capsys, ["sweep", str(write_spec(tmp_path, spec)), "-q",
+                              "--out", str(tmp_path / "out")])
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists()
+
+
+def test_static_sparse_training_refuses_dynamic_options(tmp_path, capsys) -> None:
+    spec = {k: v for k, v in tiny_spec(methods=[{"method": "snip"}]).items() if k != "finetune"} | {
+        "dataset": "digits", "schedule": "at-init",
+        "recovery": {"kind": "sparse-train", "update": "static", "delta_t": 10}}
+    line = cli_error(capsys, ["sweep", str(write_spec(tmp_path, spec)), "-q",
+                              "--out", str(tmp_path / "out")])
+    assert "delta_t would be ignored" in line
+
+
+def test_layer_densities_refuses_indices_of_no_layer() -> None:
+    from prunelab.sparsity.distributions import layer_densities
+
+    for dense in ([-1], [2]):
+        with pytest.raises(PrunelabError, match="dense holds indices of the 2 layers"):
+            layer_densities([(10, 10), (5, 10)], 0.5, dense=dense)
+    with pytest.raises(PrunelabError, match="no empty weight shape"):
+        layer_densities([(0, 10)], 0.5)
+
+
+def test_training_with_a_plain_dict_for_a_recipe_says_what_to_pass() -> None:
+    with pytest.raises(PrunelabError, match="recipe must be a prunelab TrainRecipe"):
+        train(nn.Linear(4, 2), [(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))],
+              {"epochs": 1})
+
+
+def test_merging_on_one_sample_is_refused_and_on_few_is_warned() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(12, 8)
+    with pytest.raises(PrunelabError, match="needs at least 2"):
+        prunelab.prune(copy_of(model), "merge", 0.5, data=[(x[:1], None)])
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        prunelab.prune(copy_of(model), "merge", 0.5, data=[(x, None)])
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_latency_settings_without_a_latency_target_are_refused() -> None:
+    with pytest.raises(PrunelabError, match="would be ignored"):
+        prunelab.prune(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "l1-filter",
+                       speedup=1.5, backend="onnxruntime")

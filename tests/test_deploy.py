@@ -75,10 +75,42 @@ def test_a_deployment_that_changes_the_output_is_refused(resnet, monkeypatch) ->
     ({"precision": "int8"}, "precision must be one of fp32, bf16"),
     ({"backend": "onnxruntime", "precision": "bf16"}, "serves fp32"),
     ({"threads": 0}, "threads must be a positive whole number"),
+    ({"repeats": 0}, "repeats must be a whole number >= 1"),
+    ({"repeats": 1.5}, "repeats must be a whole number >= 1"),
+    ({"onnx_path": "m.onnx"}, "onnx_path keeps the file of the onnxruntime backend"),
+    ({"backend": "onnxruntime", "ir_path": "m.xml"}, "ir_path keeps the file of the openvino"),
 ])
 def test_bad_deploy_options(resnet, kwargs, message) -> None:
     with pytest.raises(InvalidValueError, match=message):
         deploy(resnet, X, **kwargs)
+
+
+@pytest.mark.parametrize(("example", "message"), [
+    (torch.randn(4, 1, 28, 28), "takes inputs of shape \\(batch, 3, 32, 32\\)"),
+    (torch.randn(3, 32, 32), "add the batch dimension"),
+    (torch.randn(0, 3, 32, 32), "at least one input"),
+    (torch.randn(2, 3, 32, 32, dtype=torch.float64), "float64 but the model's weights are"),
+    (torch.zeros(2, 3, 32, 32, dtype=torch.long), "token ids"),
+])
+def test_an_example_the_model_cannot_take_is_one_clear_error(resnet, example, message) -> None:
+    with pytest.raises(InvalidValueError, match=message):
+        deploy(resnet, example, repeats=1)
+
+
+def test_cli_export_of_a_language_model_feeds_token_ids_into_a_new_folder(tmp_path,
+                                                                          capsys) -> None:
+    from prunelab.checkpoint import save_checkpoint
+    from prunelab.cli import main
+
+    pytest.importorskip("onnxruntime")
+    kwargs = {"num_classes": 65, "input_shape": (16,), "layers": 1, "width": 32, "heads": 4}
+    save_checkpoint(tmp_path / "gpt.pt", prunelab.models.create("gpt-char", **kwargs),
+                    model_name="gpt-char", model_kwargs=kwargs)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "gpt.pt"), "--out", str(tmp_path / "new" / "g.onnx")])
+    assert exit_info.value.code in (0, None)
+    assert "max |output - original output|" in capsys.readouterr().out
+    assert (tmp_path / "new" / "g.onnx").is_file()
 
 
 def test_threads_are_fixed_per_call_and_said(resnet) -> None:

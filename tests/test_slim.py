@@ -208,11 +208,12 @@ class WithLayerNorm(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3)
         self.norm = nn.GroupNorm(2, 8)
-        self.fc = nn.Linear(8, 10)
+        self.fc = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 10)
         self.input_shape = (3, 32, 32)
 
     def forward(self, x):
-        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+        return self.head(torch.relu(self.fc(self.norm(self.conv(x)).mean((2, 3)))))
 
 
 class Grouped(WithLayerNorm):
@@ -227,8 +228,11 @@ def test_layers_that_cannot_switch_are_named() -> None:
     with pytest.raises(slim.SlimmingError, match="'norm' is a grouped convolution"):
         slim.convert(Grouped(), widths=[0.5, 1.0])
     net = slim.convert(WithLayerNorm(), widths=[0.5, 1.0], exclude=["conv"])
+    assert [g.root for g in slim.spec_of(net).groups] == ["fc"]
     with slim.width(net, 0.5):
         assert net(X).shape == (6, 10)
+    with pytest.raises(slim.SlimmingError, match="no channels that can switch width"):
+        slim.convert(WithLayerNorm(), widths=[0.5, 1.0], exclude=["conv", "fc"])
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2-cifar", "concat"])

@@ -90,3 +90,42 @@ def test_bad_input_exits_2_with_one_line(args, message, capsys, tmp_path, monkey
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_supernet_is_searched_on_its_own_data_and_is_no_plain_checkpoint(tmp_path,
+                                                                           capsys) -> None:
+    bundle = prunelab.data.load("digits", limit=200)
+    base = prunelab.models.create("lenet-300-100", input_shape=bundle.input_shape)
+    net = slim.convert(base, width_range=(0.25, 1.0))
+    path = tmp_path / "us.pt"
+    slim.save_supernet(path, net, model_name="lenet-300-100",
+                       model_kwargs={"input_shape": bundle.input_shape},
+                       extra={"dataset": "digits"})
+    with pytest.raises(prunelab.PrunelabError, match="is a slimmable supernet"):
+        prunelab.load_checkpoint(path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slim", "export", str(path), "--width", "0.5", "--out", str(tmp_path / "e.pt"),
+              "--dataset", "mnist"])
+    assert exit_info.value.code == 2
+    assert "was trained on digits, not mnist" in capsys.readouterr().err
+    result = runner.invoke(app, ["slim", "export", str(path), "--width", "0.5", "--out",
+                                 str(tmp_path / "e.pt"), "--limit", "200"])  # its own data
+    assert result.exit_code == 0, result.output
+    with pytest.raises(prunelab.PrunelabError, match="speedup must be a number >= 1"):
+        slim.autoslim(net, bundle.loader("val", 64), speedup=float("nan"))
+
+
+def test_train_refuses_a_folder_for_out_before_training(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slim", "train", "--out", str(tmp_path), *SMALL])
+    assert exit_info.value.code == 2
+    assert "is a folder: give a file name" in capsys.readouterr().err
+
+
+def test_search_refuses_latency_settings_without_latency(tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slim", "search", str(tmp_path / "x.pt"), "--speedup", "2", "--out",
+              str(tmp_path / "w.json"), "--backend", "openvino"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "add --latency" in err

@@ -161,6 +161,12 @@ def load_checkpoint(
     from prunelab.structured.graph import replay_structure, structure_of
 
     payload = read_checkpoint(path)
+    if isinstance(payload["extra"].get("slim"), dict):
+        raise CheckpointError(
+            f"{str(path)!r} is a slimmable supernet, not a plain model: its weights serve many "
+            "widths and (US-Net) its BatchNorm statistics are mixed across them. Export one "
+            "width with `prunelab slim export` (prunelab.slim.export), or load it with "
+            "prunelab.slim.load_supernet")
     if model is None:
         from prunelab import models
 

@@ -306,7 +306,12 @@ def export(
         raise typer.BadParameter(f"--backend must be onnxruntime or openvino, got {backend!r}")
     net, payload = load_checkpoint(checkpoint)
     shape = payload["model"].get("kwargs", {}).get("input_shape") or zoo.default_input_shape(net)
-    example = torch.randn(batch_size, *shape, generator=torch.Generator().manual_seed(0))
+    generator, dtype = torch.Generator().manual_seed(0), getattr(net, "input_dtype", torch.float32)
+    if dtype.is_floating_point:
+        example = torch.randn(batch_size, *shape, generator=generator)
+    else:  # token ids, drawn from the first embedding's vocabulary
+        vocab = next(m.num_embeddings for m in net.modules() if isinstance(m, torch.nn.Embedding))
+        example = torch.randint(vocab, (batch_size, *shape), generator=generator, dtype=dtype)
     paths = {"onnx_path": out} if backend == "onnxruntime" else {"ir_path": out}
     deployed = deploy(net, example, backend=backend, precision=precision, **paths)
     console.print(Text(deployed.summary()))

@@ -77,6 +77,10 @@ def train(
     from prunelab.cli import console
     from prunelab.training import TrainRecipe
 
+    if out.is_dir():
+        raise InvalidValueError(f"--out {str(out)!r} is a folder: give a file name, e.g. "
+                                f"{str(out / 'supernet.pt')!r}")
+
     options: dict[str, Any] = {"round_to": round_to}
     if widths is not None:
         options["widths"] = _numbers(widths, "--widths")
@@ -114,8 +118,8 @@ def search(
     speedup: Annotated[str, typer.Option(help="speed-ups, e.g. 1.5,2,3 (of MACs, or of "
                                               "latency with --latency)")],
     out: Annotated[Path, typer.Option(help="JSON file for the per-layer widths found")],
-    dataset: Annotated[str, typer.Option(help="dataset (its validation split is used)")] =
-        "cifar10",
+    dataset: Annotated[str | None, typer.Option(
+        help="dataset (its validation split is used; default: the supernet's)")] = None,
     step: Annotated[float, typer.Option(help="shrink step, a fraction of a group")] = 0.1,
     batches: Annotated[int, typer.Option(help="validation batches of 256 per evaluation")] = 4,
     latency: Annotated[bool, typer.Option(help="budgets of latency, predicted from every layer "
@@ -134,7 +138,11 @@ def search(
     from prunelab.cli import console
     from prunelab.slim.autoslim import latency_cost
 
-    net, _ = slim.load_supernet(supernet)
+    if not latency and (backend, precision, batch_size) != ("torch", "fp32", 64):
+        raise InvalidValueError("--backend, --precision and --batch-size set how latency is "
+                                "timed: add --latency, or leave them out for a MACs budget")
+    net, payload = slim.load_supernet(supernet)
+    dataset = _trained_on(payload, dataset, supernet)
     bundle = _bundle(dataset, data_dir, limit)
     if not bundle.sizes["val"]:
         raise InvalidValueError(f"{dataset} has no validation split to search on")
@@ -184,8 +192,8 @@ def export(
         "--widths-file", help="per-layer widths from `prunelab slim search`")] = None,
     speedup: Annotated[float | None, typer.Option(
         help="which entry of --widths-file (by its speed-up)")] = None,
-    dataset: Annotated[str, typer.Option(help="dataset (US-Net BatchNorm calibration)")] =
-        "cifar10",
+    dataset: Annotated[str | None, typer.Option(
+        help="dataset (US-Net BatchNorm calibration; default: the supernet's)")] = None,
     data_dir: DataDir = None,
     limit: Limit = None,
 ) -> None:
@@ -198,6 +206,7 @@ def export(
     from prunelab.metrics import measure
 
     net, payload = slim.load_supernet(supernet)
+    dataset = _trained_on(payload, dataset, supernet)
     chosen: Any = width
     if (width is None) == (search_file is None):
         raise InvalidValueError("give either --width or --widths-file")
@@ -216,6 +225,17 @@ def export(
                   f"({stats.reference_flops / stats.flops:.2f}x fewer than the supernet)")
 
 
+def _trained_on(payload: dict[str, Any], dataset: str | None, path: Path) -> str:
+    """The supernet's own dataset (recorded by `slim train`), which --dataset may only repeat:
+    searching or calibrating BatchNorm on other data gives wrong widths and statistics."""
+    recorded = payload["extra"].get("dataset")
+    if dataset is not None and recorded is not None and dataset != recorded:
+        raise InvalidValueError(
+            f"{str(path)!r} was trained on {recorded}, not {dataset}: leave --dataset out (it "
+            "defaults to the supernet's dataset)")
+    return dataset or recorded or "cifar10"
+
+
 def _pick(path: Path, speedup: float | None) -> dict[str, int]:
     try:
         entries = json.loads(path.read_text())
@@ -223,6 +243,9 @@ def _pick(path: Path, speedup: float | None) -> dict[str, int]:
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InvalidValueError(
             f"{str(path)!r} is not a widths file from `prunelab slim search` ({exc})") from None
+    if not by_speedup:
+        raise InvalidValueError(f"{str(path)!r} holds no widths: run `prunelab slim search` "
+                                "again")
     if speedup is None and len(by_speedup) == 1:
         return next(iter(by_speedup.values()))
     if speedup not in by_speedup:

@@ -31,7 +31,14 @@ from prunelab.errors import InvalidValueError, PrunelabError
 from prunelab.metrics.latency import call_times, steady_allocator
 from prunelab.sparsity import make_permanent, masked_modules
 from prunelab.sparsity.nm import follows_nm
-from prunelab.utils import missing_packages, require, torch_threads, warn_if_emulated_bf16
+from prunelab.utils import (
+    check_input,
+    input_errors,
+    missing_packages,
+    require,
+    torch_threads,
+    warn_if_emulated_bf16,
+)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: Which package each runtime backend needs, and the extra that installs it.
@@ -127,10 +134,20 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
                                 or threads < 1):
         raise InvalidValueError(f"threads must be a positive whole number (or None for the "
                                 f"runtime's default), got {threads!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise InvalidValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+    for name, path, serves in (("onnx_path", onnx_path, "onnxruntime"),
+                               ("ir_path", ir_path, "openvino")):
+        if path is not None and backend not in (serves, "auto"):
+            raise InvalidValueError(f"{name} keeps the file of the {serves} backend; with "
+                                    f"backend={backend!r} nothing would be written there")
+        if path is not None and Path(path).is_dir():
+            raise InvalidValueError(f"{name} {str(path)!r} is a folder: give a file name")
     if backend != "auto":
         require_backend(backend)
+    _check_example(model, example_input)
     steady_allocator()
-    with torch.inference_mode():
+    with torch.inference_mode(), input_errors(model, example_input):
         reference = model.eval()(example_input).float()
     plain, steps = _plain(model)
     plain, step = _fold_batchnorm(plain)
@@ -146,6 +163,29 @@ def deploy(model: nn.Module, example_input: torch.Tensor, *, backend: str = "tor
                             f"{error:.3g} (tolerance {tolerance:.3g}); steps: "
                             f"{'; '.join(deployed.steps)}")
     return deployed
+
+
+def _check_example(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse an example batch the model cannot take (empty, wrong dtype or shape) in one line."""
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise InvalidValueError(f"example_input must hold at least one input (a batch), got "
+                                f"shape {tuple(x.shape)}")
+    check_input(model, x)
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    wants_tokens = not getattr(model, "input_dtype", torch.float32).is_floating_point
+    if (weight is not None and not wants_tokens and x.is_floating_point()
+            and x.dtype != weight.dtype):
+        raise InvalidValueError(f"example_input is {x.dtype} but the model's weights are "
+                                f"{weight.dtype}: convert it (x.to({weight.dtype}))")
+    if not wants_tokens and not x.is_floating_point():
+        raise InvalidValueError(f"example_input is {x.dtype}; the model takes floating-point "
+                                "inputs (x.float())")
+
+
+def _numpy(inputs: torch.Tensor) -> Any:
+    """A batch as the contiguous NumPy array a runtime reads: float32, or token ids as they are."""
+    inputs = inputs.detach()
+    return (inputs.float() if inputs.is_floating_point() else inputs).contiguous().numpy()
 
 
 def require_backend(backend: str) -> None:
@@ -357,6 +397,7 @@ def _export(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None) -> 
 
     if onnx_path is None:
         onnx_path = Path(tempfile.mkdtemp(prefix="prunelab-deploy-")) / "model.onnx"
+    Path(onnx_path).parent.mkdir(parents=True, exist_ok=True)
     return export_onnx(model, onnx_path, x)
 
 
@@ -376,7 +417,7 @@ def _onnxruntime(model: nn.Module, x: torch.Tensor, onnx_path: str | Path | None
                  f"{threads or 'default'} intra-op threads")
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
-        array = inputs.detach().float().contiguous().numpy()
+        array = _numpy(inputs)
         return torch.from_numpy(session.run(None, {"input": array})[0])
 
     return Deployed("onnxruntime", "fp32", run, onnx_path=path, steps=steps)
@@ -393,6 +434,7 @@ def _openvino(model: nn.Module, x: torch.Tensor, precision: str, ir_path: str | 
     steps.append("exported to ONNX and converted by openvino.convert_model")
     if ir_path is not None:
         ir_path = Path(ir_path).with_suffix(".xml")
+        ir_path.parent.mkdir(parents=True, exist_ok=True)
         openvino.save_model(model_ov, str(ir_path), compress_to_fp16=False)
         steps.append(f"OpenVINO IR saved to {ir_path} (+ .bin), fp32 weights")
     deployed = compile_openvino(model_ov, precision, threads)
@@ -433,7 +475,7 @@ def compile_openvino(model: Any, precision: str = "fp32", threads: int | None = 
     request = compiled.create_infer_request()
 
     def run(inputs: torch.Tensor) -> torch.Tensor:
-        array = inputs.detach().float().contiguous().numpy()
+        array = _numpy(inputs)
         request.infer({0: array})
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 

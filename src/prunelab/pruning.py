@@ -100,6 +100,10 @@ def prune(
                 f"by their scores); {method.name!r} is not one. Use a channel method "
                 "(prunelab methods), or a speedup (FLOPs) target")
         measured_on = {"backend": backend, "precision": precision}
+    elif (backend, precision) != ("torch", "fp32"):
+        raise InvalidValueError(f"backend and precision say where a latency_speedup is measured; "
+                                f"with a {kind} target they would be ignored (give "
+                                "latency_speedup=, or leave them out)")
     selection = LayerSelection(
         include=tuple(include) if include is not None else None,
         exclude=tuple(exclude),

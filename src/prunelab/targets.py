@@ -10,6 +10,7 @@ measuring them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from prunelab.errors import InvalidValueError
@@ -20,7 +21,7 @@ TARGET_KINDS = ("sparsity", "compression", "speedup", "latency")
 def check_target(kind: str, value: float) -> None:
     if kind not in TARGET_KINDS:
         raise InvalidValueError(f"target must be one of {', '.join(TARGET_KINDS)}, got {kind!r}")
-    if kind != "sparsity" and not value >= 1:
+    if kind != "sparsity" and not 1 <= value < math.inf:
         raise InvalidValueError(f"a {kind} target is a ratio >= 1 (e.g. 2.0), got {value}")
 
 

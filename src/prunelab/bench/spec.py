@@ -6,6 +6,7 @@ keeps one row per key, which is what makes a sweep resumable and duplicate-free.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from prunelab.experiment_config import (
     RecoveryConfig,
     training_variant,
 )
+from prunelab.methods import METHODS
 from prunelab.provenance import config_hash
 from prunelab.recoveries import RECOVERIES, Recovery
 from prunelab.sparsity import check_sparsity
@@ -56,8 +58,9 @@ class Targets(CheckedModel):
     @field_validator(*RATIO_KINDS)
     @classmethod
     def _ratios(cls, value: list[float]) -> list[float]:
-        if any(v < 1 for v in value):
-            raise ValueError("compression and speed-up targets are ratios >= 1")
+        if any(not 1 <= v < math.inf for v in value):
+            raise ValueError(f"compression and speed-up targets are finite ratios >= 1, got "
+                             f"{value}")
         return value
 
     @model_validator(mode="after")
@@ -250,3 +253,8 @@ class SweepSpec(ExperimentConfig):
         recoveries = [*recoveries, *{r.label(): r for c in self.grid.choices()
                                      for r in self.recoveries_for(c)}.values()]
         super().check_plan(choices, recoveries)
+        for choice in self.grid.choices():
+            method = METHODS.get(choice.method).create(**choice.options)
+            for kind, value in self.grid.targets.pairs():
+                method.check_request("latency" if kind == "latency_speedup" else kind, value,
+                                     choice.scope)

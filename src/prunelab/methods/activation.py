@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.base import Count, UnstructuredMethod, register_method
 from prunelab.methods.calibration import InputObserver, input_observer
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
@@ -33,7 +33,7 @@ class ActivationPruning(UnstructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = None
+    batches: Count | None = None
 
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None

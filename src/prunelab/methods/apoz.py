@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Count, register_method
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.scores import capture, channel_outputs, per_channel, per_channel_sum
 from prunelab.utils import eval_mode, iter_batches
@@ -25,7 +25,7 @@ class APoZPruning(StructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = 8
+    batches: Count | None = 8
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],
                        data: Iterable | None) -> list[torch.Tensor]:

@@ -11,7 +11,15 @@ from torch import nn
 
 from prunelab.checkpoint import load_state_dict
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ALL_LAYERS, LayerSelection, register_method
+from prunelab.methods.base import (
+    ALL_LAYERS,
+    Count,
+    Fraction,
+    LayerSelection,
+    Positive,
+    Sandwich,
+    register_method,
+)
 from prunelab.structured import StructuredMethod
 from prunelab.structured.graph import apply_plan, as_example, structure_of
 from prunelab.structured.method import original_size
@@ -38,16 +46,17 @@ class AutoSlimPruning(StructuredMethod):
     """
 
     needs_data: ClassVar[bool] = True
+    targets: ClassVar[tuple[str, ...]] = ("speedup", "latency")  # a MACs or latency budget
     decides: ClassVar[str] = ("a greedy search on a slimmable supernet it trains: the channel "
                               "group whose shrinking costs the least held-out accuracy goes "
                               "first")
-    round_to: int | None = 1  # the supernet's widths: give a multiple to search on multiples
-    min_width: float = 0.25
-    supernet_epochs: int = 1
-    sandwich: int = 4
-    lr: float = 0.01
-    step: float = 0.1
-    search_batches: int = 2
+    round_to: Count | None = 1  # the supernet's widths: give a multiple to search on multiples
+    min_width: Fraction = 0.25
+    supernet_epochs: Count = 1
+    sandwich: Sandwich = 4
+    lr: Positive = 0.01
+    step: Fraction = 0.1
+    search_batches: Count = 2
 
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
@@ -57,10 +66,7 @@ class AutoSlimPruning(StructuredMethod):
         from prunelab.slim.autoslim import latency_cost
         from prunelab.training import TrainRecipe
 
-        if target not in ("speedup", "latency"):
-            raise InvalidValueError(
-                "autoslim searches under a MACs or latency budget: give the target as a speedup "
-                f"or a latency_speedup, not {target!r}")
+        self.check_request(target, sparsity, scope)
         if data is None:
             raise InvalidValueError("autoslim needs data: pass data=<iterable of batches>")
         batches = [(x, y) for x, y in iter_batches(data, model)]

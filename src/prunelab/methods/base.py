@@ -1,17 +1,31 @@
 """The method contract and registry.
 
 A pruning method is one small dataclass in one file, registered by name with
-:func:`register_method`. Its dataclass fields are its options (with defaults), its docstring is its
-documentation: ``prunelab methods``, the benchmark and the docs all read them from here.
+:func:`register_method`. Its dataclass fields are its options (with defaults; the bounded types
+below, such as ``Count`` or ``Fraction``, state their ranges), its docstring is its
+documentation: ``prunelab methods``, the benchmark and the docs all read them from here. The
+class variables ``targets`` and ``scopes`` say what it can be asked for, so a sweep refuses a
+request no run could serve before anything trains.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from types import UnionType
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import pydantic
 import torch
@@ -31,6 +45,14 @@ from prunelab.sparsity.nm import input_dim, nm_keep_mask, output_dim, parse_nm, 
 from prunelab.targets import check_target, solve_ratio
 
 METHODS: Registry[type[Method]] = Registry("method")
+#: Option types with bounds, checked by :meth:`Method.create` before anything trains or prunes.
+Count = Annotated[int, pydantic.Field(ge=1)]
+NonNegative = Annotated[float, pydantic.Field(ge=0)]
+Positive = Annotated[float, pydantic.Field(gt=0)]
+Fraction = Annotated[float, pydantic.Field(gt=0, lt=1)]
+Width = Annotated[float, pydantic.Field(gt=0, le=1)]
+Momentum = Annotated[float, pydantic.Field(ge=0, lt=1)]
+Sandwich = Annotated[int, pydantic.Field(ge=2)]  # widths per step: at least the max and min
 #: ``global``: one threshold over all layers; ``layer``: the same sparsity in every layer;
 #: ``er``/``erk``: per-layer sparsities from the Erdős–Rényi(-Kernel) distribution.
 SCOPES = ("global", "layer", "er", "erk")
@@ -79,6 +101,9 @@ class Method:
     #: How the method decides what goes, when the class alone does not say it (the docs'
     #: *how* axis: scores, a solver, learned during training).
     decides: ClassVar[str] = ""
+    #: The target kinds and scopes ``prune`` serves (see :meth:`check_request`).
+    targets: ClassVar[tuple[str, ...]] = ("sparsity", "compression", "speedup")
+    scopes: ClassVar[tuple[str, ...]] = SCOPES
 
     @classmethod
     def create(cls, **options: Any) -> Method:
@@ -91,7 +116,7 @@ class Method:
                 f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {allowed}"
             )
-        hints = get_type_hints(cls)
+        hints = get_type_hints(cls, include_extras=True)  # keep the bounds of Annotated types
         for name, value in options.items():
             try:
                 options[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
@@ -99,6 +124,11 @@ class Method:
                 raise InvalidValueError(
                     f"method {cls.name!r} option {name!r} must be {_type_name(hints[name])}, "
                     f"got {value!r}") from None
+            if not _finite(options[name]):
+                raise InvalidValueError(f"method {cls.name!r} option {name!r} must be a finite "
+                                        f"number, got {value!r}")
+        if options.get("nm") is not None:
+            parse_nm(options["nm"])
         return cls(**options)
 
     @classmethod
@@ -125,13 +155,27 @@ class Method:
     @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each option."""
+        hints = get_type_hints(cls, include_extras=True)
         rows = []
         for f in dataclasses.fields(cls):
             if not f.init:
                 continue
             default = f.default if f.default is not dataclasses.MISSING else None
-            rows.append((f.name, str(f.type), default))
+            rows.append((f.name, _type_name(hints[f.name]), default))
         return rows
+
+    def check_request(self, target: str, value: float, scope: str = "global") -> None:
+        """Refuse a target (kind and value) or scope this method cannot serve; sweeps call it
+        for every grid entry before anything trains, ``prune`` before it prunes."""
+        check_target(target, value)
+        if target not in self.targets:
+            raise InvalidValueError(f"method {self.name!r} takes a target of "
+                                    f"{' or '.join(self.targets)}, not {target!r}")
+        if target == "sparsity":
+            check_sparsity(value)
+        if scope not in self.scopes:
+            raise InvalidValueError(f"method {self.name!r} takes scope "
+                                    f"{' or '.join(self.scopes)}, not {scope!r}")
 
     def training_model(self, model: nn.Module, example: torch.Tensor | None = None
                        ) -> nn.Module:
@@ -222,6 +266,10 @@ class UnstructuredMethod(Method):
     rowwise: ClassVar[bool] = False
     nm: str | None = None
 
+    def check_request(self, target: str, value: float, scope: str = "global") -> None:
+        super().check_request(target, value, scope)
+        check_nm(self.nm, value, target, ALL_LAYERS)
+
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
@@ -283,7 +331,7 @@ def check_nm(nm: str | None, sparsity: float, target: str,
     implied = 1 - n / m
     if target == "sparsity":
         sparsity = check_sparsity(sparsity)
-    if target != "sparsity" or abs(sparsity - implied) > 1e-9:
+    if target != "sparsity" or abs(sparsity - implied) > 1e-4:  # "0.6667" for 1:3
         given = f"sparsity {sparsity}" if target == "sparsity" else f"a {target} target"
         raise InvalidValueError(
             f"nm={nm!r} prunes {implied:.4g} of every layer (keeps {n} of each {m}); pass "
@@ -295,12 +343,39 @@ def check_nm(nm: str | None, sparsity: float, target: str,
     return pattern
 
 
+def _finite(value: Any) -> bool:
+    """False for a NaN or infinite float, alone or inside a list/tuple/dict of options."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(map(_finite, value))
+    if isinstance(value, Mapping):
+        return all(map(_finite, value.values()))
+    return True
+
+
 def _type_name(hint: Any) -> str:
-    """``int``, ``int | None``, ``one of 'a', 'b'``: how an option's type reads in an error
-    message."""
-    if get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(repr, get_args(hint)))
+    """``int``, ``int >= 1 | None``, ``list[float > 0]``, ``one of 'a', 'b'``: how an option's
+    type reads in an error message and in ``prunelab methods``."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is Annotated:
+        bounds = [f"{symbol} {getattr(b, attr)}" for info in args[1:]
+                  for b in getattr(info, "metadata", [])
+                  for attr, symbol in _BOUNDS.items() if hasattr(b, attr)]
+        return " ".join([_type_name(args[0]), " and ".join(bounds)]).strip()
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if hint is type(None):
+        return "None"
+    if origin in (list, tuple, dict) and args:
+        inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]"
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
 Pair = tuple[PrunableWeight, torch.Tensor]
@@ -372,9 +447,9 @@ class ReconstructionMethod(Method):
 
     needs_data = True
     nm: str | None = None
-    batches: int | None = None
-    input_blocks: int = 1
-    max_memory_gb: float = 8.0
+    batches: Count | None = None
+    input_blocks: Count = 1
+    max_memory_gb: Positive = 8.0
 
     def solve(
         self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,

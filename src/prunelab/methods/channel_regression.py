@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Count, register_method
 from prunelab.structured.reconstruction import ReconstructionMethod, Samples
 
 
@@ -41,8 +41,8 @@ class ChannelRegression(ReconstructionMethod):
     across residual additions are left alone).
     """
 
-    samples: int = 1500
-    rows: int = 20000
+    samples: Count = 1500
+    rows: Count = 20000
 
     def rank(self, sample: Samples) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.base import Count, Positive, UnstructuredMethod, register_method
 from prunelab.methods.gradients import accumulate, labelled_batches, used_tensors
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import batch_statistics, eval_mode
@@ -36,8 +36,8 @@ class GraSP(UnstructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = None
-    temperature: float = 200.0
+    batches: Count | None = None
+    temperature: Positive = 200.0
     batchnorm: Literal["batch", "running"] = "batch"
 
     def scores(

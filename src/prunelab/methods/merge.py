@@ -14,6 +14,7 @@ physically smaller, like the other structured methods.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,7 +22,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.errors import InvalidValueError
+from prunelab.methods.base import Count, register_method
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.scores import capture
 from prunelab.utils import iter_batches
@@ -123,7 +125,7 @@ class NeuronMerging(StructuredMethod):
     needs_data = True
     round_to: int | None = 1  # a neuron goes when it is redundant, not to fill a vector
     compensate: bool = True
-    calibration_batches: int = 20
+    calibration_batches: Count = 20
     _moments: dict[str, Moments] = field(default_factory=dict, init=False, repr=False)
     _orders: dict[str, list[int]] = field(default_factory=dict, init=False, repr=False)
 
@@ -144,6 +146,18 @@ class NeuronMerging(StructuredMethod):
             for x, _ in iter_batches(data, model, limit=self.calibration_batches):
                 model(x)
         model.train(was_training)
+        for group in groups:
+            seen = self._moments[group.root].count
+            if seen < 2:
+                raise InvalidValueError(
+                    f"merge saw {seen} calibration sample for {group.root!r}: it needs at least "
+                    "2 (and more than the layer's neurons) to estimate their covariance")
+            if seen <= group.size:
+                warnings.warn(
+                    f"merge saw {seen} calibration samples for the {group.size} neurons of "
+                    f"{group.root!r}: their covariance, which says what is redundant, is rank-"
+                    "deficient, so the choice is unreliable; pass more samples than neurons "
+                    "(more data or calibration_batches)", stacklevel=2)
         scores = []
         self._orders = {}
         for group in groups:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.base import Count, UnstructuredMethod, register_method
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
 
@@ -43,9 +43,9 @@ class OptimalBrainDamage(UnstructuredMethod):
 
     needs_data = True
     hessian: Literal["fisher", "hutchinson"] = "fisher"
-    batches: int | None = None
-    probes: int = 8
-    chunk: int = 32
+    batches: Count | None = None
+    probes: Count = 8
+    chunk: Count = 32
     seed: int = 0
     loss: Loss | None = None
 

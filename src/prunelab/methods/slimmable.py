@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ALL_LAYERS, LayerSelection, Method, register_method
+from prunelab.methods.base import (
+    ALL_LAYERS,
+    Count,
+    Fraction,
+    LayerSelection,
+    Method,
+    Sandwich,
+    Width,
+    register_method,
+)
 from prunelab.structured.graph import _restore, as_example
 from prunelab.training.trainer import Callback
 
@@ -41,14 +50,16 @@ class SlimmableWidth(Method):
     """
 
     granularity: ClassVar[str] = "width"
+    targets: ClassVar[tuple[str, ...]] = ("speedup", "sparsity")  # of MACs, or of channels
+    scopes: ClassVar[tuple[str, ...]] = ("global",)  # one uniform width
     needs_data: ClassVar[bool] = True
-    min_width: float = 0.25
-    widths: list[float] | None = None
-    sandwich: int = 4
+    min_width: Fraction = 0.25
+    widths: list[Width] | None = None
+    sandwich: Sandwich = 4
     inplace_distillation: bool = True
     switchable_bn: bool = True
     calibrate_bn: bool = True
-    round_to: int = 1
+    round_to: Count = 1
 
     def __post_init__(self) -> None:
         if not self.switchable_bn and self.widths is None:
@@ -87,10 +98,7 @@ class SlimmableWidth(Method):
             raise InvalidValueError(
                 "the slimmable method prunes a supernet: train the dense model with it (a sweep "
                 "does), or call prunelab.slim.convert and slim.train first")
-        if target not in ("speedup", "sparsity"):
-            raise InvalidValueError(
-                f"slimmable widths are chosen by a speedup (MACs) or channel sparsity target, "
-                f"not {target!r}")
+        self.check_request(target, sparsity, scope)
         spec = slim.spec_of(model)
         if target == "speedup":
             full = spec.macs(spec.max_width)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Momentum, NonNegative, register_method
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.scores import per_channel_sum
 from prunelab.training import Callback, TrainState
@@ -97,7 +97,7 @@ class NetworkSlimming(StructuredMethod):
 
     comparable_across_layers = True
     rejects = NO_SCALES
-    l1: float = 1e-4
+    l1: NonNegative = 1e-4
 
     def accepts(self, group: ChannelGroup) -> bool:
         return _has_scales(group)
@@ -123,8 +123,8 @@ class SparseStructureSelection(StructuredMethod):
 
     comparable_across_layers = True
     rejects = NO_SCALES
-    strength: float = 1e-4
-    momentum: float = 0.9
+    strength: NonNegative = 1e-4
+    momentum: Momentum = 0.9
 
     def accepts(self, group: ChannelGroup) -> bool:
         return _has_scales(group)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.base import Count, UnstructuredMethod, register_method
 from prunelab.methods.gradients import weight_gradients
 from prunelab.sparsity import PrunableWeight
 
@@ -28,7 +28,7 @@ class SNIP(UnstructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = 1
+    batches: Count | None = 1
 
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None

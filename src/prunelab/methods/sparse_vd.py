@@ -163,6 +163,10 @@ class SparseVariationalDropout(LearnedMaskMethod):
     def __post_init__(self) -> None:
         check_positive(self.kl_weight, "KL weight")
         check_positive(self.warmup_epochs, "warmup_epochs")
+        if not -LOG_ALPHA_LIMIT < self.threshold < LOG_ALPHA_LIMIT:
+            raise InvalidValueError(
+                f"sparse-vd threshold is a log α in ({-LOG_ALPHA_LIMIT:g}, {LOG_ALPHA_LIMIT:g}) "
+                f"(log α is clipped there; the paper prunes above 3), got {self.threshold!r}")
 
     def training_callbacks(self) -> list[Callback]:
         return [SparseVDCallback(self.kl_weight, self.threshold, self.init_log_sigma2,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ReconstructionMethod, register_method
+from prunelab.methods.base import Count, NonNegative, ReconstructionMethod, register_method
 from prunelab.sparsity import keep_mask_from_scores
 from prunelab.sparsity.nm import nm_keep_mask
 
@@ -33,8 +33,8 @@ class SparseGPT(ReconstructionMethod):
     unlabelled calibration batches.
     """
 
-    blocksize: int = 128
-    damp: float = 0.01
+    blocksize: Count = 128
+    damp: NonNegative = 0.01
 
     def solve(
         self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
@@ -64,7 +64,7 @@ def inverse_cholesky(gram: torch.Tensor, damp: float) -> torch.Tensor:
 def obs_solve(
     weight: torch.Tensor, gram: torch.Tensor, sparsity: float, *,
     nm: tuple[int, int] | None = None, pruned: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None, blocksize: int = 128, damp: float = 0.01,
+    mask: torch.Tensor | None = None, blocksize: Count = 128, damp: NonNegative = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep mask and OBS-updated weights of a ``(rows, cols)`` matrix with Gram matrix ``gram``.
 

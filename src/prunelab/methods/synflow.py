@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ALL_LAYERS, LayerSelection, UnstructuredMethod, register_method
+from prunelab.methods.base import (
+    ALL_LAYERS,
+    Count,
+    LayerSelection,
+    UnstructuredMethod,
+    register_method,
+)
 from prunelab.methods.gradients import used_tensors
 from prunelab.sparsity import (
     PrunableWeight,
@@ -38,15 +44,22 @@ class SynFlow(UnstructuredMethod):
     the model (zoo models know it) or ``input_shape`` (without the batch dimension).
     """
 
-    rounds: int = 100
+    rounds: Count = 100
     input_shape: tuple[int, ...] | None = None
     _flow: nn.Module | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise InvalidValueError(f"synflow rounds must be at least 1, got {self.rounds}")
+        if self.nm is not None and self.rounds > 1:
+            raise InvalidValueError(
+                f"synflow with nm={self.nm!r} prunes to the N:M pattern at once: its rounds "
+                "would need sparsities between 0 and 1 - N/M, which N:M cannot express; set "
+                "rounds: 1")
 
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
               target: str = "sparsity", example_input: torch.Tensor | None = None) -> nn.Module:
-        if self.rounds < 1:
-            raise InvalidValueError(f"synflow rounds must be at least 1, got {self.rounds}")
         if target != "sparsity":
             sparsity = self._sparsity_for(model, target, sparsity, scope, data, selection,
                                           example_input)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import UnstructuredMethod, register_method
+from prunelab.methods.base import Count, UnstructuredMethod, register_method
 from prunelab.methods.gradients import weight_gradients
 from prunelab.sparsity import PrunableWeight
 
@@ -24,7 +24,7 @@ class TaylorPruning(UnstructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = None
+    batches: Count | None = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def scores(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Count, register_method
 from prunelab.metrics.accuracy import task_loss
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.graph import Member
@@ -38,7 +38,7 @@ class TaylorChannelPruning(StructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = 8
+    batches: Count | None = 8
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def channel_scores(self, model: nn.Module, groups: list[ChannelGroup],

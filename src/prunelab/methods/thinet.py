@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Count, register_method
 from prunelab.structured.reconstruction import ReconstructionMethod, Samples
 
 
@@ -41,7 +41,7 @@ class ThiNet(ReconstructionMethod):
     paper does for ResNets). Labels are not needed.
     """
 
-    samples: int = 4000
+    samples: Count = 4000
 
     def _contributions(self, sample: Samples) -> torch.Tensor:
         """(samples, channels) at random (sample, output channel) pairs, as in the paper."""

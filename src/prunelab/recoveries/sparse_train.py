@@ -45,6 +45,12 @@ class SparseTrain(Recovery):
                 f"recovery sparse-train trains a network pruned at initialisation; set "
                 f"schedule to at-init (not {config.schedule.kind}), or recover a trained "
                 "network with finetune, rewind or scratch-e/b")
+        ignored = [name for name in ("delta_t", "drop_fraction", "update_end")
+                   if getattr(self, name) != type(self).model_fields[name].default]
+        if self.update == "static" and ignored:
+            raise ConfigError(
+                f"sparse-train with update: static keeps its mask, so {', '.join(ignored)} "
+                "would be ignored: set update to set or rigl, or leave them out")
 
     def callbacks(self, seed: int) -> list[DynamicSparsity]:
         """The mask-update callback of ``update`` (none when static)."""

@@ -66,8 +66,8 @@ def autoslim(
     budget = speedup if latency_speedup is None else latency_speedup
     name = "speedup" if latency_speedup is None else "latency_speedup"
     speedups = [budget] if isinstance(budget, (int, float)) else list(budget)
-    if not speedups or any(isinstance(s, bool) or not isinstance(s, (int, float)) or s < 1
-                           for s in speedups):
+    if not speedups or any(isinstance(s, bool) or not isinstance(s, (int, float))
+                           or not 1 <= s < math.inf for s in speedups):
         raise InvalidValueError(f"{name} must be a number >= 1 (or a list), got {budget!r}")
     if not 0 < step < 1:
         raise InvalidValueError(f"step is a fraction of a group's channels in (0, 1), got {step}")

@@ -320,6 +320,11 @@ def convert(
             full = _channels(module, out)
             side = table.setdefault(member.name, Side(full))
             side.links.append((number, torch.tensor(member.idxs), torch.tensor(member.positions)))
+    if not spec.groups:
+        raise SlimmingError(
+            f"{type(model).__name__} has no channels that can switch width (none is produced "
+            "by a convolution or Linear layer and read by another one, or all are excluded): "
+            "a slimmable network needs at least one hidden layer")
     spec.costs = _costs(net, example)
     spec.options = {"widths": widths, "width_range": list(width_range) if width_range else None,
                     "round_to": round_to, "switchable_bn": switchable_bn,

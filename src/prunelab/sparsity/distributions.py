@@ -50,9 +50,16 @@ def layer_densities(
     if not 0.0 < density <= 1.0:
         raise InvalidValueError(f"density must be in (0, 1], got {density}")
     sizes = [math.prod(s) for s in shapes]
+    if not sizes or min(sizes) <= 0:
+        raise InvalidValueError(f"layer_densities needs at least one layer and no empty weight "
+                                f"shape, got {[tuple(s) for s in shapes]}")
+    whole = set(dense)
+    if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(shapes)
+           for i in whole):
+        raise InvalidValueError(f"dense holds indices of the {len(shapes)} layers (0 to "
+                                f"{len(shapes) - 1}), got {sorted(whole, key=str)}")
     raw = [_raw(s, kind) for s in shapes]
     budget = density * sum(sizes)
-    whole = set(dense)
     while True:
         rest = [i for i in range(len(shapes)) if i not in whole]
         left = budget - sum(sizes[i] for i in whole)

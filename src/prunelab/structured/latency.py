@@ -172,9 +172,10 @@ class LatencyTable:
         x = torch.randn(self.batch_size, *shape.input_size, cin) if shape.kind == "linear" else \
             torch.randn(self.batch_size, cin, *shape.input_size)
         with tempfile.TemporaryDirectory(prefix="prunelab-latency-") as folder:
+            kept = {"onnx_path": Path(folder) / "layer.onnx"} if self.backend == "onnxruntime" \
+                else {}  # loaded, then removed
             served = deploy(layer, x, backend=self.backend, precision=self.precision,
-                            sparse=False, repeats=3, threads=torch.get_num_threads(),
-                            onnx_path=Path(folder) / "layer.onnx")  # loaded, then removed
+                            sparse=False, repeats=3, threads=torch.get_num_threads(), **kept)
         times = call_times(lambda: served(x), warmup=3, repeats=self.repeats)
         return min(times)  # other processes only ever add time: the fastest call is the layer's
 

@@ -39,7 +39,7 @@ from prunelab.structured.graph import (
 )
 from prunelab.structured.latency import LatencyTarget
 from prunelab.structured.rounding import kernel_multiple, layer_multiple, round_plan
-from prunelab.targets import check_target, solve_ratio
+from prunelab.targets import solve_ratio
 
 Plan = dict[str, list[int]]
 MIN_CHANNELS = 1  # a group never loses its last channel
@@ -50,6 +50,8 @@ class StructuredMethod(Method):
     """Base of methods that remove whole channels/filters/neurons (the model gets smaller)."""
 
     granularity: ClassVar[str] = "channel"
+    targets: ClassVar[tuple[str, ...]] = ("sparsity", "compression", "speedup", "latency")
+    scopes: ClassVar[tuple[str, ...]] = ("global", "layer")
     #: Raw scores can be ranked across layers (BN scales) or are normalised per group first.
     comparable_across_layers: ClassVar[bool] = False
     #: Keep a multiple of this many channels per layer (a layer with no more channels than this
@@ -100,18 +102,15 @@ class StructuredMethod(Method):
         The smaller model's output is checked against the masked model's (see
         :func:`~prunelab.structured.graph.apply_plan`).
         """
-        check_target(target, sparsity)
         if target == "sparsity":
             check_sparsity(sparsity, "channel ratio")
+        self.check_request(target, sparsity, scope)
         if self.round_to is not None and (isinstance(self.round_to, bool)
                                           or not isinstance(self.round_to, int)
                                           or self.round_to < 1):
             raise InvalidValueError(
                 f"round_to is a channel multiple >= 1 (1: exact counts; leave it unset for the "
                 f"multiple this machine's kernels want), got {self.round_to!r}")
-        if scope not in ("global", "layer"):
-            raise InvalidValueError(f"scope of a channel method must be global or layer, got "
-                                    f"{scope!r}")
         if self.needs_data and data is None:
             raise InvalidValueError(
                 f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunelab.methods.base import Count
 from prunelab.structured.graph import ChannelGroup
 from prunelab.structured.method import StructuredMethod
 from prunelab.structured.scores import capture
@@ -103,8 +104,8 @@ class ReconstructionMethod(StructuredMethod):
     """
 
     needs_data = True
-    batches: int | None = 8
-    samples: int = 2000
+    batches: Count | None = 8
+    samples: Count = 2000
     seed: int = 0
     _samples: dict[str, Samples] = field(default_factory=dict, init=False, repr=False)
 

@@ -124,6 +124,9 @@ def train(
         checkpoint: file written after every epoch; if it exists, training resumes from it.
         quiet: no progress bar (also off when stderr is not a terminal).
     """
+    if not isinstance(recipe, TrainRecipe):
+        raise InvalidValueError(f"recipe must be a prunelab TrainRecipe (prunelab.training; e.g. "
+                                f"TrainRecipe(epochs=10)), got {type(recipe).__name__}")
     if keep_best and val_data is None:
         raise InvalidValueError("keep_best needs val_data: the best epoch is chosen on validation")
     steps_per_epoch = len(train_data)  # type: ignore[arg-type]
