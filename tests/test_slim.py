@@ -268,3 +268,13 @@ def test_channel_counts_are_rounded_bounded_and_monotone(size, round_to, lo, hi)
     assert spec.channels(1.0, size) == size
     if round_to == 1:
         assert abs(spec.channels(hi, size) - hi * size) <= 0.5 or spec.channels(hi, size) == 1
+
+
+def test_inputs_of_the_wrong_shape_are_one_clear_error() -> None:
+    model = build("resnet20")
+    wrong = torch.randn(2, 1, 28, 28)
+    with pytest.raises(prunelab.PrunelabError, match="takes inputs of shape"):
+        slim.convert(model, width_range=(0.25, 1.0), example_input=wrong)
+    net = slim.convert(model, width_range=(0.25, 1.0))
+    with pytest.raises(prunelab.PrunelabError, match="cannot run on inputs of shape"):
+        slim.calibrate_bn(net, 0.5, [(wrong, None)])

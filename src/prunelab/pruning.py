@@ -111,7 +111,7 @@ def prune(
         exclude_last=exclude_last,
         layer_sparsity=dict(layer_sparsity or {}),
     )
-    with input_errors(model, sample if sample is not None else torch.empty(0)):
+    with input_errors(model, sample):  # None: inputs the method makes (SynFlow's ones)
         return method.prune(model, value, scope=scope, data=data, selection=selection,
                             target=kind, example_input=example_input, **measured_on)
 

@@ -192,7 +192,7 @@ def check_input(model: nn.Module, x: object) -> None:
 
 
 @contextmanager
-def input_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
+def input_errors(model: nn.Module, x: torch.Tensor | None) -> Iterator[None]:
     """Turn torch's error for an input the model cannot take into one :class:`InvalidValueError`
     naming the input's shape and what the model expects (torch's first line kept)."""
     try:
@@ -203,8 +203,9 @@ def input_errors(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
             raise
         expected = expected_input(model)
         wants = f"; it takes {expected}" if expected else ""
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise InvalidValueError(f"{type(model).__name__} cannot run on inputs of shape {shape}"
+        given = (f"inputs of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor)
+                 else "the inputs it was given" if x is None else type(x).__name__)
+        raise InvalidValueError(f"{type(model).__name__} cannot run on {given}"
                                 f"{wants} ({text.splitlines()[0][:300]})") from exc
 
 

@@ -47,6 +47,7 @@ from prunelab.structured.graph import (
     ROOT_TYPES,
     as_example,
 )
+from prunelab.utils import check_input, eval_mode, input_errors
 
 Width = float | Mapping[str, int]
 SPEC_ATTR = "_prunelab_slim"
@@ -307,6 +308,9 @@ def convert(
     if is_slimmable(net):
         raise InvalidValueError("the model is already slimmable")
     example = as_example(net, example_input)
+    check_input(net, example)
+    with torch.no_grad(), eval_mode(net), input_errors(net, example):
+        net(example)  # a wrong example is one clear error here, not a trace failure below
     spec = SlimSpec([], {}, {}, set(), widths, width_range, round_to, tuple(example.shape[1:]))
     for number, group in enumerate(channel_groups(net, example, exclude)):
         spec.groups.append(Group(group.root, group.size, segments(group)))

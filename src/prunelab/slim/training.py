@@ -22,7 +22,7 @@ from prunelab.slim.layers import SlimBatchNorm, SwitchableBatchNorm
 from prunelab.slim.supernet import Width, set_width, spec_of, width
 from prunelab.training.recipe import TrainRecipe
 from prunelab.training.trainer import Callback, TrainResult, TrainState, train
-from prunelab.utils import iter_batches
+from prunelab.utils import input_errors, iter_batches
 
 
 class SlimmableTraining(Callback):
@@ -165,7 +165,8 @@ def calibrate_bn(net: nn.Module, w: Width, batches: Iterable, limit: int | None 
             net.eval()
             with torch.no_grad():
                 for x, _ in iter_batches(batches, net, limit):
-                    net(x)
+                    with input_errors(net, x):
+                        net(x)
             for module in norms:
                 mean, var, count = module.slim_calibration
                 if mean is None:
