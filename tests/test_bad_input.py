@@ -488,3 +488,9 @@ def test_latency_settings_without_a_latency_target_are_refused() -> None:
     with pytest.raises(PrunelabError, match="would be ignored"):
         prunelab.prune(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2)), "l1-filter",
                        speedup=1.5, backend="onnxruntime")
+
+
+def test_labels_beyond_the_models_outputs_are_one_clear_error() -> None:
+    with pytest.raises(PrunelabError, match=r"labels must be class indices in \[0, 3\)"):
+        train(nn.Linear(4, 3), [(torch.randn(8, 4), torch.full((8,), 5))],
+              TrainRecipe(epochs=1), quiet=True)

@@ -45,7 +45,14 @@ def task_loss(outputs: Any, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor
     """Cross-entropy of a classifier's or a language model's outputs (per prediction: for a
     language model, nats per token). ``kwargs`` go to ``F.cross_entropy``."""
     logits, targets = predictions(outputs, labels)
-    return F.cross_entropy(logits, targets, **kwargs)
+    try:
+        return F.cross_entropy(logits, targets, **kwargs)
+    except IndexError as exc:  # checked only on failure: a check per step would cost a sync
+        classes = logits.shape[-1]
+        raise InvalidValueError(
+            f"labels must be class indices in [0, {classes}) for a model with {classes} outputs, "
+            f"got labels from {int(targets.min())} to {int(targets.max())} (a model built with "
+            "too few classes? create it with num_classes=bundle.num_classes)") from exc
 
 
 def evaluate(
