@@ -38,7 +38,8 @@ def methods_markdown() -> str:
 def method_section(cls: type[Method]) -> list[str]:
     """A method's reference text: granularity, data needs, docstring and options table."""
     lines = [f"*Granularity:* {cls.granularity}. *Needs data:* "
-             f"{'yes' if cls.needs_data else 'no'}.", "", inspect.cleandoc(cls.__doc__ or ""), ""]
+             f"{'yes' if cls.needs_data else 'no'}. *Targets:* {', '.join(cls.targets)}. "
+             f"*Scopes:* {', '.join(cls.scopes)}.", "", inspect.cleandoc(cls.__doc__ or ""), ""]
     return lines + options_markdown(cls.option_table())
 
 
