@@ -97,6 +97,19 @@ def test_an_example_the_model_cannot_take_is_one_clear_error(resnet, example, me
         deploy(resnet, example, repeats=1)
 
 
+def test_a_model_that_reads_raw_pixels_takes_uint8_examples() -> None:
+    class Pixels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(12, 2)
+
+        def forward(self, x):
+            return self.fc(x.float().flatten(1) / 255)
+
+    served = deploy(Pixels(), torch.randint(0, 256, (2, 3, 2, 2), dtype=torch.uint8), repeats=1)
+    assert served.max_abs_error == 0
+
+
 def test_cli_export_of_a_language_model_feeds_token_ids_into_a_new_folder(tmp_path,
                                                                           capsys) -> None:
     from prunelab.checkpoint import save_checkpoint

@@ -177,7 +177,7 @@ def _check_example(model: nn.Module, x: torch.Tensor) -> None:
             and x.dtype != weight.dtype):
         raise InvalidValueError(f"example_input is {x.dtype} but the model's weights are "
                                 f"{weight.dtype}: convert it (x.to({weight.dtype}))")
-    if not wants_tokens and not x.is_floating_point():
+    if not wants_tokens and not x.is_floating_point() and x.dtype != torch.uint8:  # raw pixels
         raise InvalidValueError(f"example_input is {x.dtype}; the model takes floating-point "
                                 "inputs (x.float())")
 
