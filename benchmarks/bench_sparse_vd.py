@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -39,25 +40,33 @@ def weight_compression(model) -> float:
 
 
 def one_seed(seed: int, bundle, model_name: str, dense_epochs: int, vd_epochs: int,
-             warmup: float) -> dict:
+             warmup: float, checkpoints: Path | None = None) -> dict:
+    def checkpoint(stage: str) -> Path | None:
+        # One file per stage; a killed run started again with the same arguments resumes at the
+        # last finished epoch (the noise draws after the resume differ from an unbroken run).
+        if checkpoints is None:
+            return None
+        return checkpoints / f"{model_name}_seed{seed}_{stage}.pt"
+
     seed_everything(seed)
     model = prunelab.models.create(model_name, input_shape=(1, 28, 28))
     val = bundle.loader("val", 1000)
     if dense_epochs:
         train(model, bundle.loader("train", DENSE.batch_size, shuffle=True, seed=seed),
               DENSE.model_copy(update={"epochs": dense_epochs}), val_data=val, keep_best=True,
-              quiet=True)
+              quiet=True, checkpoint=checkpoint(f"dense{dense_epochs}"))
     dense_error = error(model, bundle)
     method = METHODS.get("sparse-vd").create(warmup_epochs=warmup)
     result = train(model, bundle.loader("train", VD.batch_size, shuffle=True, seed=seed),
                    VD.model_copy(update={"epochs": vd_epochs}), val_data=val,
-                   callbacks=method.training_callbacks(), description=f"sparse VD, seed {seed}")
+                   callbacks=method.training_callbacks(), description=f"sparse VD, seed {seed}",
+                   checkpoint=checkpoint(f"vd{vd_epochs}"))
     measured = prunelab.measure(model, torch.zeros(1, 1, 28, 28))
     row = {"seed": seed, "model": model_name, "dense_epochs": dense_epochs,
            "vd_epochs": vd_epochs, "dense_error": dense_error, "vd_error": error(model, bundle),
            "compression_all_params": measured.compression,
            "compression_weights": weight_compression(model),
-           "minutes": result.seconds / 60}
+           "minutes": sum(h["seconds"] for h in result.history) / 60}
     print(f"seed {seed}: dense {dense_error:.2f}% -> sparse VD {row['vd_error']:.2f}% error, "
           f"{row['compression_weights']:.1f}x (weights), {row['minutes']:.1f} min", flush=True)
     return row
@@ -71,9 +80,14 @@ def main() -> None:
     parser.add_argument("--vd-epochs", type=int, default=VD.epochs)
     parser.add_argument("--warmup", type=float, default=5.0, help="KL warm-up epochs")
     parser.add_argument("--name", default=None, help="results file name")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="folder for per-epoch checkpoints; a rerun resumes from them")
     args = parser.parse_args()
+    if args.checkpoints is not None:
+        args.checkpoints.mkdir(parents=True, exist_ok=True)
     bundle = prunelab.data.load("mnist")
-    rows = [one_seed(s, bundle, args.model, args.dense_epochs, args.vd_epochs, args.warmup)
+    rows = [one_seed(s, bundle, args.model, args.dense_epochs, args.vd_epochs, args.warmup,
+                     args.checkpoints)
             for s in args.seeds]
     summary = {}
     for key in ("dense_error", "vd_error", "compression_all_params", "compression_weights"):

@@ -389,11 +389,22 @@ def test_an_unpruned_model_has_compression_exactly_1() -> None:
     ("sparse-vd", {"threshold": -8.0}, "threshold is a log α in \\(-8, 8\\)"),
     ("magnitude", {"nm": "4:2"}, "0 < N < M"),
 ])
-def test_option_values_out_of_bounds_are_refused_at_creation(method, options, message) -> None:
+@pytest.mark.parametrize("build", ["create", "constructor"])
+def test_option_values_out_of_bounds_are_refused_at_creation(method, options, message,
+                                                             build) -> None:
+    """The same rules hold for ``create`` (configs, the CLI) and a class built directly."""
     from prunelab.methods import METHODS
 
+    cls = METHODS.get(method)
     with pytest.raises(PrunelabError, match=message):
-        METHODS.get(method).create(**options)
+        cls.create(**options) if build == "create" else cls(**options)
+
+
+def test_options_are_kept_as_their_validated_types() -> None:
+    from prunelab.methods.synflow import SynFlow
+
+    method = SynFlow(rounds="3", input_shape=[1, 28, 28])
+    assert method.rounds == 3 and method.input_shape == (1, 28, 28)
 
 
 def test_prunelab_methods_shows_each_options_bounds() -> None:

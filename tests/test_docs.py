@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from prunelab.methods import METHODS
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Every page with a python example: README and the site.
 PAGES = [ROOT / "README.md", *(p for p in sorted((ROOT / "docs").rglob("*.md"))
@@ -42,7 +44,10 @@ def test_every_code_example_of_the_docs_runs(page, tmp_path, monkeypatch, shared
     code = python_blocks(page)
     assert code.strip(), f"{page.name} has no python example"
     monkeypatch.chdir(tmp_path)
-    exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    # Methods a page registers are gone afterwards (other tests list the registry).
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))
+    # dont_inherit: the page runs as a user would, without this file's __future__ imports
+    exec(compile(code, str(page), "exec", dont_inherit=True), {"__name__": "__docs__"})
 
 
 def test_the_not_run_marker_needs_a_reason(tmp_path) -> None:

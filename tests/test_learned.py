@@ -90,7 +90,7 @@ def test_group_lasso_method_trains_and_prunes_to_the_target() -> None:
 @pytest.mark.parametrize(("name", "option"), [("l1-penalty", "strength"),
                                               ("group-lasso", "strength")])
 def test_negative_strength_is_refused(name: str, option: str) -> None:
-    with pytest.raises(InvalidValueError, match="strength must be a finite number >= 0"):
+    with pytest.raises(InvalidValueError, match=f"option '{option}' must be float >= 0"):
         METHODS.get(name).create(**{option: -1.0})
 
 
@@ -227,7 +227,7 @@ def test_l0_neuron_gates_count_the_weights_they_switch_off() -> None:
 
 @pytest.mark.parametrize("value", [0.0, -1.0])
 def test_temperature_must_be_positive(value: float) -> None:
-    with pytest.raises(InvalidValueError, match="temperature must be a finite number > 0"):
+    with pytest.raises(InvalidValueError, match="option 'temperature' must be float > 0"):
         METHODS.get("l0").create(temperature=value)
 
 
@@ -426,10 +426,10 @@ def test_regularizer_runs_a_method_from_a_plain_pytorch_loop() -> None:
 
 
 @pytest.mark.parametrize(("method", "options", "message"), [
-    ("sparse-vd", "{kl_weight: -1}", "KL weight must be a finite number >= 0"),
-    ("l0", "{temperature: 0}", "temperature must be a finite number > 0"),
-    ("group-lasso", "{strength: -0.1}", "group lasso strength must be"),
-    ("l1-penalty", "{strength: -0.1}", "L1 strength must be"),
+    ("sparse-vd", "{kl_weight: -1}", "option 'kl_weight' must be float >= 0"),
+    ("l0", "{temperature: 0}", "option 'temperature' must be float > 0"),
+    ("group-lasso", "{strength: -0.1}", "option 'strength' must be float >= 0"),
+    ("l1-penalty", "{strength: -0.1}", "option 'strength' must be float >= 0"),
 ])
 def test_cli_bad_learned_options_exit_2(tmp_path, capsys, method, options, message) -> None:
     from prunelab.cli import main

@@ -131,3 +131,41 @@ def test_activation_norms_are_comparable_across_layers() -> None:
         fc.weight.fill_(2.0)
     prunelab.prune(model, "activation", 1 / 3, data=[torch.ones(1, 1, 4, 4)])
     assert conv.weight.abs().sum() == 0 and fc.weight.count_nonzero() == 4  # 1·1 < 2·1
+
+
+def _install_plugin(root, name: str, module: str, source: str) -> None:
+    """A minimal installed distribution declaring a ``prunelab.methods`` entry point."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[prunelab.methods]\n{name} = {module}\n")
+
+
+def test_installed_plugins_register_their_methods(tmp_path, monkeypatch) -> None:
+    from prunelab.methods import load_plugins
+
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))  # leave the registry as found
+    _install_plugin(tmp_path, "cube", "prunelab_cube_plugin", '''
+from dataclasses import dataclass
+from prunelab.methods.base import UnstructuredMethod, register_method
+
+@register_method("cube-magnitude")
+@dataclass
+class CubeMagnitude(UnstructuredMethod):
+    """|w|^3 (ranks as magnitude does)."""
+
+    def scores(self, model, weights, data):
+        return [w.weight.detach().abs() ** 3 for w in weights]
+''')
+    _install_plugin(tmp_path, "broken", "prunelab_broken_plugin", "raise ImportError('no')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="plugin 'broken' .* failed to load"):
+        loaded = load_plugins()
+    assert loaded == ["cube"] and "cube-magnitude" in METHODS
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = model[0].weight.detach().clone()
+    prunelab.prune(model, "cube-magnitude", sparsity=0.5)
+    kept = model[0].weight != 0
+    assert kept.sum() == 8
+    assert before[kept].abs().min() > before[~kept].abs().max()

@@ -1,12 +1,15 @@
 """Pruning methods, one file each, registered by name in :data:`METHODS`.
 
 Every module in this package is imported here, so a new method file is picked up by the API, the
-CLI, the benchmark and the docs without edits elsewhere.
+CLI, the benchmark and the docs without edits elsewhere. Methods of other installed packages
+arrive the same way through a ``prunelab.methods`` entry point (:func:`load_plugins`).
 """
 
 import importlib
+import importlib.metadata
 import inspect
 import pkgutil
+import warnings
 
 from prunelab.methods.base import (
     METHODS,
@@ -19,6 +22,30 @@ from prunelab.strategies import options_markdown
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
+
+#: Entry-point group of method plugins: ``[project.entry-points."prunelab.methods"]`` with
+#: ``name = "package.module"``; importing the module registers its methods.
+PLUGIN_GROUP = "prunelab.methods"
+
+
+def load_plugins() -> list[str]:
+    """Import every installed ``prunelab.methods`` entry point so its ``@register_method``
+    classes join the registry (the CLI, sweeps and workers then see them); return the names
+    loaded. A plugin that fails to import is left out with a warning naming it, not silently."""
+    loaded = []
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry.load()
+        except Exception as error:  # a broken plugin must not take prunelab down with it
+            warnings.warn(f"prunelab method plugin {entry.name!r} ({entry.value}) failed to "
+                          f"load and is not available: {type(error).__name__}: {error}",
+                          stacklevel=2)
+        else:
+            loaded.append(entry.name)
+    return loaded
+
+
+load_plugins()
 
 
 def methods_markdown() -> str:
@@ -45,9 +72,11 @@ def method_section(cls: type[Method]) -> list[str]:
 
 __all__ = [
     "METHODS",
+    "PLUGIN_GROUP",
     "LayerSelection",
     "Method",
     "UnstructuredMethod",
+    "load_plugins",
     "method_section",
     "methods_markdown",
     "register_method",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from prunelab.sparsity.nm import input_dim, nm_keep_mask, output_dim, parse_nm, 
 from prunelab.targets import check_target, solve_ratio
 
 METHODS: Registry[type[Method]] = Registry("method")
-#: Option types with bounds, checked by :meth:`Method.create` before anything trains or prunes.
+#: Option types with bounds, checked whenever a method is built, before anything trains or prunes.
 Count = Annotated[int, pydantic.Field(ge=1)]
 NonNegative = Annotated[float, pydantic.Field(ge=0)]
 Positive = Annotated[float, pydantic.Field(gt=0)]
@@ -116,20 +117,26 @@ class Method:
                 f"method {cls.name!r} has no option {', '.join(map(repr, unknown))}; "
                 f"its options are: {allowed}"
             )
-        hints = get_type_hints(cls, include_extras=True)  # keep the bounds of Annotated types
-        for name, value in options.items():
+        return cls(**options)
+
+    def __post_init__(self) -> None:
+        """Check every option against its annotated type, bounds included, and keep the
+        validated value (``"3"`` becomes ``3``), so a method built directly obeys the same rules
+        as one from :meth:`create`. Subclasses with their own ``__post_init__`` call this first."""
+        for name, (hint, adapter) in _option_adapters(type(self)).items():
+            value = getattr(self, name)
             try:
-                options[name] = pydantic.TypeAdapter(hints[name]).validate_python(value)
+                checked = adapter.validate_python(value)
             except pydantic.ValidationError:
                 raise InvalidValueError(
-                    f"method {cls.name!r} option {name!r} must be {_type_name(hints[name])}, "
-                    f"got {value!r}") from None
-            if not _finite(options[name]):
-                raise InvalidValueError(f"method {cls.name!r} option {name!r} must be a finite "
+                    f"method {self.name!r} option {name!r} must be "
+                    f"{_type_name(hint)}, got {value!r}") from None
+            if not _finite(checked):
+                raise InvalidValueError(f"method {self.name!r} option {name!r} must be a finite "
                                         f"number, got {value!r}")
-        if options.get("nm") is not None:
-            parse_nm(options["nm"])
-        return cls(**options)
+            setattr(self, name, checked)
+        if getattr(self, "nm", None) is not None:
+            parse_nm(self.nm)
 
     @classmethod
     def summary(cls) -> str:
@@ -210,13 +217,12 @@ class Method:
                             data: Iterable | None, selection: LayerSelection,
                             example_input: torch.Tensor | None) -> float:
         """The sparsity a weight-level ``prune`` call asks for (a compression or speed-up target
-        solved for), after refusing an unknown scope or missing calibration data."""
+        solved for), after refusing a request it cannot serve or missing calibration data."""
+        self.check_request(target, value, scope)
         if target != "sparsity":
             value = self._sparsity_for(model, target, value, scope, data, selection,
                                        example_input)
         value = check_sparsity(value)
-        if scope not in SCOPES:
-            raise InvalidValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
         if self.needs_data and data is None:
             raise PrunelabError(
                 f"method {self.name!r} needs calibration data: pass data=<iterable of batches>")
@@ -341,6 +347,14 @@ def check_nm(nm: str | None, sparsity: float, target: str,
             f"nm={nm!r} fixes every layer's sparsity; layer_sparsity overrides cannot be combined "
             "with it (use include/exclude to choose the layers)")
     return pattern
+
+
+@functools.cache
+def _option_adapters(cls: type[Method]) -> dict[str, tuple[Any, pydantic.TypeAdapter]]:
+    """Each option's annotated type and its validator, built once per class."""
+    hints = get_type_hints(cls, include_extras=True)  # keep the bounds of Annotated types
+    return {f.name: (hints[f.name], pydantic.TypeAdapter(hints[f.name]))
+            for f in dataclasses.fields(cls) if f.init}
 
 
 def _finite(value: Any) -> bool:
@@ -475,10 +489,6 @@ class ReconstructionMethod(Method):
         pattern = check_nm(self.nm, sparsity, target, selection)
         sparsity = self._requested_sparsity(model, sparsity, target, scope, data, selection,
                                             example_input)
-        if self.input_blocks < 1 or self.max_memory_gb <= 0:
-            raise InvalidValueError(f"method {self.name!r} needs input_blocks >= 1 and "
-                                    f"max_memory_gb > 0, got {self.input_blocks}, "
-                                    f"{self.max_memory_gb}")
         weights = selection.weights(model)
         targets = {}
         for group, value in _groups([(w, torch.empty(0)) for w in weights],

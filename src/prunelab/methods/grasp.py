@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunelab.errors import InvalidValueError
 from prunelab.methods.base import Count, Positive, UnstructuredMethod, register_method
 from prunelab.methods.gradients import accumulate, labelled_batches, used_tensors
 from prunelab.sparsity import PrunableWeight
@@ -43,8 +42,6 @@ class GraSP(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        if not self.temperature > 0:
-            raise InvalidValueError(f"grasp temperature must be > 0, got {self.temperature}")
         mode = batch_statistics if self.batchnorm == "batch" else eval_mode
         grads = [torch.zeros_like(w.weight, dtype=torch.float32) for w in weights]
         hg = [torch.zeros_like(g) for g in grads]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import NonNegative, register_method
 from prunelab.methods.learned import check_positive
 from prunelab.structured import ChannelGroup, StructuredMethod
 from prunelab.structured.graph import Graph, apply_plan, as_example, output_layers
@@ -99,10 +99,7 @@ class GroupLassoPruning(StructuredMethod):
     """
 
     comparable_across_layers = True
-    strength: float = 1e-4
-
-    def __post_init__(self) -> None:
-        check_positive(self.strength, "group lasso strength")
+    strength: NonNegative = 1e-4
 
     def training_callbacks(self) -> list[Callback]:
         return [GroupLasso(self.strength)]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import Fraction, NonNegative, Positive, register_method
 from prunelab.methods.learned import (
     GateCallback,
     LearnedMaskMethod,
@@ -116,13 +116,10 @@ class L0Regularization(LearnedMaskMethod):
     filters for ``neuron``), topped up by magnitude only if the target asks for more.
     """
 
-    strength: float = 0.1
+    strength: NonNegative = 0.1
     granularity: Literal["weight", "neuron"] = "weight"
-    temperature: float = 2 / 3
-    init_keep: float = 0.9
-
-    def __post_init__(self) -> None:
-        self.training_callbacks()  # validates the options
+    temperature: Positive = 2 / 3
+    init_keep: Fraction = 0.9
 
     def training_callbacks(self) -> list[Callback]:
         return [L0Callback(self.strength, self.granularity, self.temperature, self.init_keep)]

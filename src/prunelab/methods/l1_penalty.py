@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prunelab.methods.base import register_method
+from prunelab.methods.base import NonNegative, register_method
 from prunelab.methods.learned import check_positive, gated_layers
 from prunelab.methods.magnitude import MagnitudePruning
 from prunelab.training import Callback, TrainState
@@ -37,10 +37,7 @@ class L1Penalty(MagnitudePruning):
     prune the smallest |w| to the target, as magnitude pruning does.
     """
 
-    strength: float = 1e-5
-
-    def __post_init__(self) -> None:
-        check_positive(self.strength, "L1 strength")
+    strength: NonNegative = 1e-5
 
     def training_callbacks(self) -> list[Callback]:
         return [WeightL1(self.strength)]

@@ -52,9 +52,6 @@ class OptimalBrainDamage(UnstructuredMethod):
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
-        if self.probes < 1 or self.chunk < 1:
-            raise InvalidValueError(f"obd needs probes >= 1 and chunk >= 1, got {self.probes}, "
-                                    f"{self.chunk}")
         names = {id(p): name for name, p in model.named_parameters()}
         missing = [w.name for w in weights if id(w.original) not in names]
         if missing:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import register_method
+from prunelab.methods.base import NonNegative, register_method
 from prunelab.methods.learned import (
     LAYER_TYPES,
     GateCallback,
@@ -155,14 +155,13 @@ class SparseVariationalDropout(LearnedMaskMethod):
     asks for more. Linear and convolution layers only (others are refused by name).
     """
 
-    kl_weight: float = 1.0
+    kl_weight: NonNegative = 1.0
     threshold: float = 3.0
     init_log_sigma2: float = -10.0
-    warmup_epochs: float = 0.0
+    warmup_epochs: NonNegative = 0.0
 
     def __post_init__(self) -> None:
-        check_positive(self.kl_weight, "KL weight")
-        check_positive(self.warmup_epochs, "warmup_epochs")
+        super().__post_init__()
         if not -LOG_ALPHA_LIMIT < self.threshold < LOG_ALPHA_LIMIT:
             raise InvalidValueError(
                 f"sparse-vd threshold is a log α in ({-LOG_ALPHA_LIMIT:g}, {LOG_ALPHA_LIMIT:g}) "
