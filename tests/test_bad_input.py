@@ -445,6 +445,8 @@ def test_a_one_in_three_pattern_takes_the_sparsity_as_printed() -> None:
       "targets": {"sparsity": [0.9]}}, "pass sparsity=0.5"),
     ({"methods": [{"method": "l1-filter", "scope": "erk"}]}, "takes scope global or layer"),
     ({"methods": [{"method": "slimmable", "options": {"sandwich": 1}}]}, "'sandwich' must be"),
+    ({"methods": [{"method": "autoslim", "options": {"search_batches": 8}}],  # of 8 calibration
+      "targets": {"speedup": [2.0]}}, "raise calibration_batches above search_batches"),
 ])
 def test_sweeps_refuse_what_no_run_could_serve_before_writing_anything(tmp_path, capsys, grid,
                                                                        message) -> None:

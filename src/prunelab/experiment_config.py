@@ -147,7 +147,7 @@ class ExperimentConfig(CheckedModel):
             if self.dense == "pretrained" and training_variant(choice):
                 raise ConfigError(f"method {choice.method!r} trains the dense model its own way, "
                                   "so it cannot start from pretrained weights (dense: train)")
-            method.create(**choice.options)
+            method.create(**choice.options).check_experiment(self.calibration_batches)
             for recovery in list(recoveries) or [self.recovery]:
                 self.schedule.check(method, recovery)
                 recovery.check(method, self)

@@ -58,6 +58,13 @@ class AutoSlimPruning(StructuredMethod):
     step: Fraction = 0.1
     search_batches: Count = 2
 
+    def check_experiment(self, calibration_batches: int) -> None:
+        if calibration_batches <= self.search_batches:
+            raise InvalidValueError(
+                f"autoslim holds out search_batches={self.search_batches} of the "
+                f"{calibration_batches} calibration batches and trains its supernet on the rest: "
+                "raise calibration_batches above search_batches")
+
     def prune(self, model: nn.Module, sparsity: float, *, scope: str = "global",
               data: Iterable | None = None, selection: LayerSelection = ALL_LAYERS,
               target: str = "sparsity", example_input: torch.Tensor | None = None,

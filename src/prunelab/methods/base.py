@@ -184,6 +184,11 @@ class Method:
             raise InvalidValueError(f"method {self.name!r} takes scope "
                                     f"{' or '.join(self.scopes)}, not {scope!r}")
 
+    def check_experiment(self, calibration_batches: int) -> None:
+        """Refuse experiment settings this method cannot run with (an experiment's or sweep's
+        plan calls it before anything trains; ``calibration_batches`` is the number of batches
+        ``prune`` will get as ``data``). Default: any."""
+
     def training_model(self, model: nn.Module, example: torch.Tensor | None = None
                        ) -> nn.Module:
         """The module trained before pruning (with :meth:`training_callbacks`): the model
