@@ -97,6 +97,11 @@ def test_bad_factors_are_refused(factor) -> None:
         slim.widen(prunelab.models.create("resnet20"), factor)
 
 
+def test_a_factor_that_cannot_fit_in_memory_is_refused_before_allocating() -> None:
+    with pytest.raises(InvalidValueError, match="more than this machine's .* GiB of memory"):
+        slim.widen(prunelab.models.create("resnet20"), 1e9)
+
+
 def test_a_forward_that_fixes_a_channel_count_is_named() -> None:
     with pytest.raises(slim.SlimmingError, match="fixes a channel count"):
         slim.widen(FixedView(), 1.5, example_input=X[:1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -62,6 +63,7 @@ def widen(model: nn.Module, factor: float, *, round_to: int = 1,
         raise InvalidValueError(f"widen takes a torch.nn.Module, got {type(model).__name__}")
     if is_slimmable(model):
         raise InvalidValueError("widen the model before converting it to a slimmable network")
+    _check_fits_in_memory(model, factor)
     net = copy.deepcopy(model)
     example = as_example(net, example_input)
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
@@ -72,6 +74,22 @@ def widen(model: nn.Module, factor: float, *, round_to: int = 1,
 
     resize_groups(net, wider, example, patterns, {"factor": float(factor), "round_to": round_to})
     return net
+
+
+def _check_fits_in_memory(model: nn.Module, factor: float) -> None:
+    """Refuse a factor whose widened weights could not fit in this machine's memory (a layer
+    between two widened groups grows by factor², so that is the estimate), instead of letting
+    the allocation take the machine down."""
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no estimate to compare
+        return
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    if params * factor ** 2 > memory:
+        raise InvalidValueError(
+            f"widen by {factor:g} would make the model's {params / 2**20:.1f} MiB of parameters "
+            f"about {params * factor ** 2 / 2**30:.3g} GiB, more than this machine's "
+            f"{memory / 2**30:.0f} GiB of memory: use a smaller factor (1.5 or 2 are usual)")
 
 
 def resize_groups(model: nn.Module,
