@@ -175,3 +175,15 @@ def test_example_configs_validate() -> None:
     assert sweeps and len(sweeps) < len(examples)
     for path in examples:
         load_config(SweepSpec if path in sweeps else RunConfig, path).check_plan()
+
+
+def test_version_prints_what_runs(capsys) -> None:
+    import torch
+
+    from prunelab import __version__
+    from prunelab.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert f"prunelab {__version__} (torch {torch.__version__}" in capsys.readouterr().out

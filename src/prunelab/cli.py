@@ -28,6 +28,24 @@ console = Console(width=None if sys.stdout.isatty() else 160, markup=False)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160, markup=False)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        import torch
+
+        from prunelab import __version__
+
+        console.print(f"prunelab {__version__} (torch {torch.__version__}, Python "
+                      f"{sys.version.split()[0]})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True,
+        help="Print the versions of prunelab, torch and Python, and exit.")] = False) -> None:
+    """Prune any PyTorch model and evaluate it honestly."""
+
+
 def _floats(text: list[str] | None) -> list[float] | None:
     if not text:
         return None
