@@ -98,7 +98,7 @@ def test_bad_factors_are_refused(factor) -> None:
 
 
 def test_a_factor_that_cannot_fit_in_memory_is_refused_before_allocating() -> None:
-    with pytest.raises(InvalidValueError, match="more than this machine's .* GiB of memory"):
+    with pytest.raises(InvalidValueError, match=r"more than this machine's \d+ GiB of memory"):
         slim.widen(prunelab.models.create("resnet20"), 1e9)
 
 
