@@ -375,6 +375,7 @@ def test_an_unpruned_model_has_compression_exactly_1() -> None:
     ("grasp", {"temperature": 0}, "'temperature' must be float > 0"),
     ("obd", {"probes": 0}, "'probes' must be int >= 1"),
     ("synflow", {"rounds": 0}, "'rounds' must be int >= 1"),
+    ("synflow", {"rounds": True}, "'rounds' must be int >= 1, got True"),  # not the number 1
     ("synflow", {"nm": "2:4", "rounds": 3}, "set rounds: 1"),
     ("merge", {"calibration_batches": 0}, "'calibration_batches' must be int >= 1"),
     ("autoslim", {"min_width": 0}, "'min_width' must be float > 0 and < 1"),
@@ -398,6 +399,36 @@ def test_option_values_out_of_bounds_are_refused_at_creation(method, options, me
     cls = METHODS.get(method)
     with pytest.raises(PrunelabError, match=message):
         cls.create(**options) if build == "create" else cls(**options)
+
+
+def _out_of_bounds(hint) -> list:
+    """Values just outside each bound of an option's annotated type (none when unbounded)."""
+    from typing import Annotated, get_args, get_origin
+
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Annotated:
+        bounds = [b for info in args[1:] for b in info.metadata]
+        return [args[0](getattr(b, name) + outside) for b in bounds
+                for name, outside in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0))
+                if hasattr(b, name)]
+    if origin is list:
+        return [[value] for value in _out_of_bounds(args[0])]
+    return [value for arg in args for value in _out_of_bounds(arg)]  # X | None
+
+
+def test_every_methods_bounds_hold_when_it_is_built_directly() -> None:
+    """A subclass whose own ``__post_init__`` forgot ``super().__post_init__()`` fails here."""
+    from prunelab.methods import METHODS
+    from prunelab.methods.base import _option_adapters
+
+    checked = 0
+    for name, cls in METHODS.items():
+        for option, (hint, _) in _option_adapters(cls).items():
+            for bad in _out_of_bounds(hint):
+                with pytest.raises(PrunelabError, match=f"option {option!r} must be"):
+                    cls(**{option: bad})
+                checked += 1
+    assert checked > 60
 
 
 def test_options_are_kept_as_their_validated_types() -> None:

@@ -272,8 +272,8 @@ def test_round_to_sixteen_keeps_the_narrow_stage_and_reaches_the_target_closely(
     assert 1.5 <= dense / measure(model, torch.zeros(1, 3, 32, 32)).flops < 1.65
     with pytest.raises(InvalidValueError, match=r"round_to=16 keeps .* round_to=1 reaches further"):
         prunelab.prune(build("resnet20"), "l2-channel", speedup=3.0, round_to=16)
-    for bad in (0, -16):
-        with pytest.raises(InvalidValueError, match="round_to is a channel multiple >= 1"):
+    for bad in (0, -16, True, 2.5):
+        with pytest.raises(InvalidValueError, match=r"'round_to' must be int >= 1 \| None, got"):
             prunelab.prune(build("resnet20"), "l2-channel", sparsity=0.3, round_to=bad)
 
 

@@ -125,8 +125,8 @@ class Method:
         as one from :meth:`create`. Subclasses with their own ``__post_init__`` call this first."""
         for name, (hint, adapter) in _option_adapters(type(self)).items():
             value = getattr(self, name)
-            try:
-                checked = adapter.validate_python(value)
+            try:  # strictly for a bool: True is not the number 1
+                checked = adapter.validate_python(value, strict=isinstance(value, bool))
             except pydantic.ValidationError:
                 raise InvalidValueError(
                     f"method {self.name!r} option {name!r} must be "

@@ -123,7 +123,7 @@ class NeuronMerging(StructuredMethod):
                               "rewritten)")
 
     needs_data = True
-    round_to: int | None = 1  # a neuron goes when it is redundant, not to fill a vector
+    round_to: Count | None = 1  # a neuron goes when it is redundant, not to fill a vector
     compensate: bool = True
     calibration_batches: Count = 20
     _moments: dict[str, Moments] = field(default_factory=dict, init=False, repr=False)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import ALL_LAYERS, LayerSelection, Method
+from prunelab.methods.base import ALL_LAYERS, Count, LayerSelection, Method
 from prunelab.metrics import count_parameters, flops_per_module
 from prunelab.sparsity import check_sparsity
 from prunelab.sparsity.masks import check_layer_patterns, matches_any
@@ -57,7 +57,7 @@ class StructuredMethod(Method):
     #: Keep a multiple of this many channels per layer (a layer with no more channels than this
     #: keeps them all); ``None``: the multiple the machine's kernels want (16 with AVX-512, 8
     #: with AVX2 or on a GPU), never more than a quarter of a layer; 1 keeps exact counts.
-    round_to: int | None = None
+    round_to: Count | None = None
     #: Why :meth:`accepts` leaves a group alone (said when it does).
     rejects: ClassVar[str] = ""
 
@@ -105,12 +105,6 @@ class StructuredMethod(Method):
         if target == "sparsity":
             check_sparsity(sparsity, "channel ratio")
         self.check_request(target, sparsity, scope)
-        if self.round_to is not None and (isinstance(self.round_to, bool)
-                                          or not isinstance(self.round_to, int)
-                                          or self.round_to < 1):
-            raise InvalidValueError(
-                f"round_to is a channel multiple >= 1 (1: exact counts; leave it unset for the "
-                f"multiple this machine's kernels want), got {self.round_to!r}")
         if self.needs_data and data is None:
             raise InvalidValueError(
                 f"method {self.name!r} needs calibration data: pass data=<iterable of batches>"
