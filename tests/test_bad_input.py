@@ -422,7 +422,7 @@ def test_every_methods_bounds_hold_when_it_is_built_directly() -> None:
     from prunelab.methods.base import _option_adapters
 
     checked = 0
-    for name, cls in METHODS.items():
+    for _, cls in METHODS.items():
         for option, (hint, _) in _option_adapters(cls).items():
             for bad in _out_of_bounds(hint):
                 with pytest.raises(PrunelabError, match=f"option {option!r} must be"):
