@@ -5,7 +5,7 @@ and the documentation site's page per method (generated when the site is built).
 from __future__ import annotations
 
 from prunelab.methods import METHODS, Method, method_section, methods_markdown
-from prunelab.methods.base import ReconstructionMethod
+from prunelab.methods.layerwise import ReconstructionMethod
 from prunelab.recoveries import RECOVERIES
 from prunelab.schedules import SCHEDULES
 from prunelab.strategies import strategies_markdown

@@ -314,7 +314,7 @@ class UnstructuredMethod(Method):
                     _install(weight, nm_keep_mask(score, *pattern, input_dim(
                         weight.module, score), weight.name))
                 return model
-            for group, target in _groups(pairs, selection.layer_sparsity):
+            for group, target in override_groups(pairs, selection.layer_sparsity):
                 if self.rowwise:
                     for weight, score in group:
                         value = sparsity if target is None else target
@@ -400,7 +400,7 @@ _BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 Pair = tuple[PrunableWeight, torch.Tensor]
 
 
-def _groups(
+def override_groups(
     pairs: list[Pair], overrides: Mapping[str, float]
 ) -> list[tuple[list[Pair], float | None]]:
     """Split (weight, score) pairs into override groups (own sparsity) and the rest (None)."""
@@ -445,60 +445,3 @@ def _install(weight: PrunableWeight, keep: torch.Tensor) -> None:
     if old is not None:
         keep = keep & (old != 0)
     weight.set_mask(keep)
-
-
-@dataclass
-class ReconstructionMethod(Method):
-    """A layerwise solver: prunes each layer *and rewrites its kept weights* (OBS, SparseGPT).
-
-    Such a method minimises the layer's reconstruction error ‖WX − ŴX‖² over its calibration
-    inputs X, whose sufficient statistic is the Gram matrix H = 2XXᵀ/n (convolutions unfolded).
-    The *what* is :meth:`solve` (a weight matrix and its H -> a keep mask and new weights); the
-    *how* is shared here and in :mod:`prunelab.methods.layerwise`: layers are visited in the order
-    the forward pass calls them, and each layer's H is collected from the model *as already
-    pruned*, so later layers learn to compensate for what earlier ones lost (sequential
-    calibration). The comparison is within a layer, so ``scope`` has no effect: every layer gets
-    the target sparsity (``layer_sparsity`` overrides apply). Options shared by all solvers:
-    ``nm`` (N:M pattern), ``batches`` (calibration batches used), ``input_blocks`` (split a wide
-    layer's inputs into independent blocks, a block-diagonal H, to bound memory) and
-    ``max_memory_gb`` (refuse a layer whose H would need more).
-    """
-
-    needs_data = True
-    nm: str | None = None
-    batches: Count | None = None
-    input_blocks: Count = 1
-    max_memory_gb: Positive = 8.0
-
-    def solve(
-        self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
-        nm: tuple[int, int] | None, pruned: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep mask and new weights for one ``(rows, cols)`` float32 weight matrix, given its
-        ``(cols, cols)`` Gram matrix; ``pruned`` marks entries that must stay zero."""
-        raise NotImplementedError
-
-    def prune(
-        self,
-        model: nn.Module,
-        sparsity: float,
-        *,
-        scope: str = "global",
-        data: Iterable | None = None,
-        selection: LayerSelection = ALL_LAYERS,
-        target: str = "sparsity",
-        example_input: torch.Tensor | None = None,
-    ) -> nn.Module:
-        from prunelab.methods.layerwise import prune_layerwise
-
-        pattern = check_nm(self.nm, sparsity, target, selection)
-        sparsity = self._requested_sparsity(model, sparsity, target, scope, data, selection,
-                                            example_input)
-        weights = selection.weights(model)
-        targets = {}
-        for group, value in _groups([(w, torch.empty(0)) for w in weights],
-                                    selection.layer_sparsity):
-            for weight, _ in group:
-                targets[weight.name] = sparsity if value is None else value
-        prune_layerwise(self, model, weights, targets, pattern, data)
-        return model

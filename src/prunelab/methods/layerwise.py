@@ -1,4 +1,4 @@
-"""Sequential layerwise reconstruction: the shared *how* of :class:`ReconstructionMethod`.
+"""Sequential layerwise reconstruction: :class:`ReconstructionMethod` and its shared *how*.
 
 Each selected layer is seen as a matrix problem: a weight matrix W of shape (outputs, inputs)
 applied to input columns X. A Linear is already one (its inputs flattened over any leading
@@ -20,19 +20,25 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunelab.errors import InvalidValueError
+from prunelab.methods.base import (
+    ALL_LAYERS,
+    Count,
+    LayerSelection,
+    Method,
+    Positive,
+    check_nm,
+    override_groups,
+)
 from prunelab.methods.layer_inputs import PROJECTIONS, InputSource, input_source
 from prunelab.sparsity import PrunableWeight
 from prunelab.utils import eval_mode, iter_batches
-
-if TYPE_CHECKING:
-    from prunelab.methods.base import ReconstructionMethod
 
 
 class _Reached(Exception):
@@ -236,3 +242,58 @@ def prune_layerwise(method: ReconstructionMethod, model: nn.Module,
             original = weight.original
             original.copy_(from_matrix(weight.module, new * keep, current).to(original.dtype))
         weight.set_mask(from_matrix(weight.module, keep, current))
+
+
+@dataclass
+class ReconstructionMethod(Method):
+    """A layerwise solver: prunes each layer *and rewrites its kept weights* (OBS, SparseGPT).
+
+    Such a method minimises the layer's reconstruction error ‖WX − ŴX‖² over its calibration
+    inputs X, whose sufficient statistic is the Gram matrix H = 2XXᵀ/n (convolutions unfolded).
+    The *what* is :meth:`solve` (a weight matrix and its H -> a keep mask and new weights); the
+    *how* is shared here and in :mod:`prunelab.methods.layerwise`: layers are visited in the order
+    the forward pass calls them, and each layer's H is collected from the model *as already
+    pruned*, so later layers learn to compensate for what earlier ones lost (sequential
+    calibration). The comparison is within a layer, so ``scope`` has no effect: every layer gets
+    the target sparsity (``layer_sparsity`` overrides apply). Options shared by all solvers:
+    ``nm`` (N:M pattern), ``batches`` (calibration batches used), ``input_blocks`` (split a wide
+    layer's inputs into independent blocks, a block-diagonal H, to bound memory) and
+    ``max_memory_gb`` (refuse a layer whose H would need more).
+    """
+
+    needs_data = True
+    nm: str | None = None
+    batches: Count | None = None
+    input_blocks: Count = 1
+    max_memory_gb: Positive = 8.0
+
+    def solve(
+        self, weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
+        nm: tuple[int, int] | None, pruned: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep mask and new weights for one ``(rows, cols)`` float32 weight matrix, given its
+        ``(cols, cols)`` Gram matrix; ``pruned`` marks entries that must stay zero."""
+        raise NotImplementedError
+
+    def prune(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        *,
+        scope: str = "global",
+        data: Iterable | None = None,
+        selection: LayerSelection = ALL_LAYERS,
+        target: str = "sparsity",
+        example_input: torch.Tensor | None = None,
+    ) -> nn.Module:
+        pattern = check_nm(self.nm, sparsity, target, selection)
+        sparsity = self._requested_sparsity(model, sparsity, target, scope, data, selection,
+                                            example_input)
+        weights = selection.weights(model)
+        targets = {}
+        for group, value in override_groups([(w, torch.empty(0)) for w in weights],
+                                    selection.layer_sparsity):
+            for weight, _ in group:
+                targets[weight.name] = sparsity if value is None else value
+        prune_layerwise(self, model, weights, targets, pattern, data)
+        return model

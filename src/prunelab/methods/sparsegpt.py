@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from prunelab.errors import InvalidValueError
-from prunelab.methods.base import Count, NonNegative, ReconstructionMethod, register_method
+from prunelab.methods.base import Count, NonNegative, register_method
+from prunelab.methods.layerwise import ReconstructionMethod
 from prunelab.sparsity import keep_mask_from_scores
 from prunelab.sparsity.nm import nm_keep_mask
 
