@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -417,7 +418,7 @@ def _out_of_bounds(hint) -> list:
 
 
 def test_every_methods_bounds_hold_when_it_is_built_directly() -> None:
-    """A subclass whose own ``__post_init__`` forgot ``super().__post_init__()`` fails here."""
+    """Every bounded option of every registered method, set through the constructor."""
     from prunelab.methods import METHODS
     from prunelab.methods.base import _option_adapters
 
@@ -438,6 +439,55 @@ def test_options_are_kept_as_their_validated_types() -> None:
     assert method.rounds == 3 and method.input_shape == (1, 28, 28)
 
 
+@pytest.mark.parametrize(("method", "option", "value", "message"), [
+    ("sparsegpt", "input_blocks", 0, "'input_blocks' must be int >= 1"),
+    ("l2-channel", "round_to", -4, "'round_to' must be int >= 1 \\| None"),
+    ("obd", "probes", 0, "'probes' must be int >= 1"),
+    ("grasp", "temperature", 0.0, "'temperature' must be float > 0"),
+    ("slimmable", "widths", [True, 0.5], "'widths' must be list"),  # a bool is not a width
+    ("l1-filter", "round_to", np.True_, "'round_to' must be int"),
+    ("l0", "strength", float("nan"), "'strength' must be a finite number, got nan"),
+    ("magnitude", "nm", "3:2", "0 < N < M"),
+])
+def test_options_set_after_construction_are_checked_too(method, option, value, message) -> None:
+    from prunelab.methods import METHODS
+
+    built = METHODS.get(method)()
+    with pytest.raises(PrunelabError, match=message):
+        setattr(built, option, value)
+
+
+class UsersType:
+    """A class of the user's own, as a method option's type."""
+
+
+def test_options_of_any_type_work_in_a_users_method() -> None:
+    """A tensor option, an option of the user's own class, one whose class the method's module
+    cannot see: each method can still be built (checked with isinstance where possible)."""
+    from dataclasses import dataclass
+
+    from prunelab.methods.base import UnstructuredMethod
+
+    class Local:  # the annotations below are strings: this name cannot be resolved later
+        pass
+
+    @dataclass
+    class UsersMethod(UnstructuredMethod):
+        reference: torch.Tensor | None = None
+        helper: UsersType | None = None
+        later: Local | None = None  # taken as is
+
+        def scores(self, model, weights, data):
+            return [w.weight.abs() for w in weights]
+
+    method = UsersMethod(reference=torch.ones(2), helper=UsersType(), later=Local())
+    assert method.reference.shape == (2,) and isinstance(method.later, Local)
+    with pytest.raises(PrunelabError, match="option 'helper' must be"):
+        UsersMethod(helper=3)
+    with pytest.raises(PrunelabError, match="method 'UsersMethod' option 'reference'"):
+        UsersMethod(reference="not a tensor")
+
+
 def test_prunelab_methods_shows_each_options_bounds() -> None:
     from prunelab.methods import METHODS
 
@@ -450,6 +500,8 @@ def test_prunelab_methods_shows_each_options_bounds() -> None:
     ("autoslim", {}, "sparsity", 0.5, "global", "takes a target of speedup or latency"),
     ("slimmable", {}, "compression", 2.0, "global", "takes a target of speedup or sparsity"),
     ("l2-channel", {}, "sparsity", 0.5, "erk", "takes scope global or layer, not 'erk'"),
+    ("magnitude", {}, "sparsity", 0.5, "rows", "takes scope global, layer, er or erk, not 'rows'"),
+    ("sparsegpt", {"nm": "2:4"}, "sparsity", 0.9, "global", "pass sparsity=0.5"),
     ("magnitude", {}, "compression", float("inf"), "global", "ratio >= 1"),
     ("magnitude", {}, "speedup", float("nan"), "global", "ratio >= 1"),
 ])

@@ -158,11 +158,22 @@ class CubeMagnitude(UnstructuredMethod):
     def scores(self, model, weights, data):
         return [w.weight.detach().abs() ** 3 for w in weights]
 ''')
-    _install_plugin(tmp_path, "broken", "prunelab_broken_plugin", "raise ImportError('no')\n")
+    _install_plugin(tmp_path, "broken", "prunelab_broken_plugin", '''
+from dataclasses import dataclass
+from prunelab.methods.base import UnstructuredMethod, register_method
+
+@register_method("half-registered")
+@dataclass
+class Half(UnstructuredMethod):
+    """Registered, then its module fails."""
+
+raise ImportError("no")
+''')
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(UserWarning, match="plugin 'broken' .* failed to load"):
         loaded = load_plugins()
     assert loaded == ["cube"] and "cube-magnitude" in METHODS
+    assert "half-registered" not in METHODS  # a failed plugin leaves nothing behind
     model = nn.Sequential(nn.Linear(4, 4))
     before = model[0].weight.detach().clone()
     prunelab.prune(model, "cube-magnitude", sparsity=0.5)

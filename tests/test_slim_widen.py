@@ -100,6 +100,8 @@ def test_bad_factors_are_refused(factor) -> None:
 def test_a_factor_that_cannot_fit_in_memory_is_refused_before_allocating() -> None:
     with pytest.raises(InvalidValueError, match=r"more than this machine's \d+ GiB of memory"):
         slim.widen(prunelab.models.create("resnet20"), 1e9)
+    with pytest.raises(InvalidValueError, match="up to inf GiB"):  # factor² beyond a float
+        slim.widen(prunelab.models.create("resnet20"), 1e200)
 
 
 def test_a_forward_that_fixes_a_channel_count_is_named() -> None:

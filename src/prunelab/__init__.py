@@ -9,7 +9,7 @@ The public API in one screen::
     prunelab.make_permanent(model)                              # plain model, zeros baked in
 """
 
-from prunelab import data, models
+from prunelab import data, methods, models
 from prunelab.checkpoint import export_onnx, load_checkpoint, load_state_dict, save_checkpoint
 from prunelab.errors import PrunelabError
 from prunelab.methods import METHODS
@@ -32,8 +32,13 @@ __all__ = [
     "load_state_dict",
     "make_permanent",
     "measure",
+    "methods",
     "models",
     "prune",
     "remove_masks",
     "save_checkpoint",
 ]
+
+# Last, with the package complete: method plugins of other installed packages may import any
+# of it (prunelab.methods.load_plugins).
+methods.load_plugins()

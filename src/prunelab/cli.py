@@ -40,7 +40,7 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _options(version: Annotated[bool, typer.Option(
+def _app_options(version: Annotated[bool, typer.Option(
         "--version", callback=_show_version, is_eager=True,
         help="Print the versions of prunelab, torch and Python, and exit.")] = False) -> None:
     """Prune any PyTorch model and evaluate it honestly."""

@@ -2,7 +2,8 @@
 
 Every module in this package is imported here, so a new method file is picked up by the API, the
 CLI, the benchmark and the docs without edits elsewhere. Methods of other installed packages
-arrive the same way through a ``prunelab.methods`` entry point (:func:`load_plugins`).
+arrive through a ``prunelab.methods`` entry point (:func:`load_plugins`, called once ``prunelab``
+has finished importing, so a plugin may use all of it).
 """
 
 import importlib
@@ -34,18 +35,17 @@ def load_plugins() -> list[str]:
     loaded. A plugin that fails to import is left out with a warning naming it, not silently."""
     loaded = []
     for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        registered = dict(METHODS._items)
         try:
             entry.load()
         except Exception as error:  # a broken plugin must not take prunelab down with it
+            METHODS._items = registered  # nor leave half of itself registered
             warnings.warn(f"prunelab method plugin {entry.name!r} ({entry.value}) failed to "
                           f"load and is not available: {type(error).__name__}: {error}",
                           stacklevel=2)
         else:
             loaded.append(entry.name)
     return loaded
-
-
-load_plugins()
 
 
 def methods_markdown() -> str:

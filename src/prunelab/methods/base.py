@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import UnionType
@@ -28,6 +29,7 @@ from typing import (
     get_type_hints,
 )
 
+import numpy as np
 import pydantic
 import torch
 from torch import nn
@@ -119,24 +121,26 @@ class Method:
             )
         return cls(**options)
 
-    def __post_init__(self) -> None:
-        """Check every option against its annotated type, bounds included, and keep the
-        validated value (``"3"`` becomes ``3``), so a method built directly obeys the same rules
-        as one from :meth:`create`. Subclasses with their own ``__post_init__`` call this first."""
-        for name, (hint, adapter) in _option_adapters(type(self)).items():
-            value = getattr(self, name)
-            try:  # strictly for a bool: True is not the number 1
-                checked = adapter.validate_python(value, strict=isinstance(value, bool))
-            except pydantic.ValidationError:
-                raise InvalidValueError(
-                    f"method {self.name!r} option {name!r} must be "
-                    f"{_type_name(hint)}, got {value!r}") from None
-            if not _finite(checked):
-                raise InvalidValueError(f"method {self.name!r} option {name!r} must be a finite "
-                                        f"number, got {value!r}")
-            setattr(self, name, checked)
-        if getattr(self, "nm", None) is not None:
-            parse_nm(self.nm)
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Options are checked against their annotated types, bounds included, whenever they
+        are set (by the constructor, ``create``, a config or later assignment), and kept as the
+        validated value (``"3"`` becomes ``3``): no way of building a method skips the rules."""
+        option = _option_adapters(type(self)).get(name)
+        if option is not None:
+            value = self._checked(name, value, *option)
+        object.__setattr__(self, name, value)
+
+    def _checked(self, name: str, value: Any, hint: Any, adapter: pydantic.TypeAdapter) -> Any:
+        what = f"method {self.name or type(self).__name__!r} option {name!r}"
+        if not _finite(value):
+            raise InvalidValueError(f"{what} must be a finite number, got {value!r}")
+        try:  # strictly when a bool is given: True is not the number 1
+            checked = adapter.validate_python(value, strict=_has_bool(value))
+        except pydantic.ValidationError:
+            raise InvalidValueError(f"{what} must be {_type_name(hint)}, got {value!r}") from None
+        if name == "nm" and checked is not None:
+            parse_nm(checked)
+        return checked
 
     @classmethod
     def summary(cls) -> str:
@@ -162,7 +166,7 @@ class Method:
     @classmethod
     def option_table(cls) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each option."""
-        hints = get_type_hints(cls, include_extras=True)
+        hints = {name: hint for name, (hint, _) in _option_adapters(cls).items()}
         rows = []
         for f in dataclasses.fields(cls):
             if not f.init:
@@ -177,12 +181,14 @@ class Method:
         check_target(target, value)
         if target not in self.targets:
             raise InvalidValueError(f"method {self.name!r} takes a target of "
-                                    f"{' or '.join(self.targets)}, not {target!r}")
+                                    f"{_either(self.targets)}, not {target!r}")
         if target == "sparsity":
             check_sparsity(value)
         if scope not in self.scopes:
-            raise InvalidValueError(f"method {self.name!r} takes scope "
-                                    f"{' or '.join(self.scopes)}, not {scope!r}")
+            raise InvalidValueError(f"method {self.name!r} takes scope {_either(self.scopes)}, "
+                                    f"not {scope!r}")
+        if getattr(self, "nm", None) is not None:  # the methods with an N:M option
+            check_nm(self.nm, value, target, ALL_LAYERS)
 
     def check_experiment(self, calibration_batches: int) -> None:
         """Refuse experiment settings this method cannot run with (an experiment's or sweep's
@@ -277,10 +283,6 @@ class UnstructuredMethod(Method):
     rowwise: ClassVar[bool] = False
     nm: str | None = None
 
-    def check_request(self, target: str, value: float, scope: str = "global") -> None:
-        super().check_request(target, value, scope)
-        check_nm(self.nm, value, target, ALL_LAYERS)
-
     def scores(
         self, model: nn.Module, weights: list[PrunableWeight], data: Iterable | None
     ) -> list[torch.Tensor]:
@@ -356,10 +358,59 @@ def check_nm(nm: str | None, sparsity: float, target: str,
 
 @functools.cache
 def _option_adapters(cls: type[Method]) -> dict[str, tuple[Any, pydantic.TypeAdapter]]:
-    """Each option's annotated type and its validator, built once per class."""
-    hints = get_type_hints(cls, include_extras=True)  # keep the bounds of Annotated types
-    return {f.name: (hints[f.name], pydantic.TypeAdapter(hints[f.name]))
-            for f in dataclasses.fields(cls) if f.init}
+    """Each option's annotated type and its validator, built once per class. An option whose
+    type pydantic cannot check (one defined where the class cannot see it) is taken as is."""
+    hints = _option_hints(cls)
+    adapters = {}
+    for f in dataclasses.fields(cls):
+        if f.init:
+            hint = hints.get(f.name, Any)
+            try:
+                adapter = pydantic.TypeAdapter(hint, config=_ANY_TYPE)
+            except pydantic.PydanticUserError:
+                hint, adapter = Any, pydantic.TypeAdapter(Any)
+            adapters[f.name] = (hint, adapter)
+    return adapters
+
+
+#: Options may be of any class (a tensor, the user's own type): checked with isinstance.
+_ANY_TYPE = pydantic.ConfigDict(arbitrary_types_allowed=True)
+
+
+def _option_hints(cls: type) -> dict[str, Any]:
+    """The classes' annotations resolved (Annotated bounds kept); one that names a type the
+    class's module cannot see (a function's local class) becomes ``Any``."""
+    try:
+        return get_type_hints(cls, include_extras=True)
+    except NameError:
+        hints: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            module = sys.modules.get(klass.__module__)
+            namespace = vars(module) if module is not None else {}
+            for name, hint in vars(klass).get("__annotations__", {}).items():
+                if isinstance(hint, str):
+                    try:  # what get_type_hints does, one annotation at a time
+                        hint = eval(hint, namespace)
+                    except NameError:
+                        hint = Any
+                hints[name] = hint
+        return hints
+
+
+def _either(words: tuple[str, ...]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return " or ".join(filter(None, [", ".join(words[:-1]), words[-1]]))
+
+
+def _has_bool(value: Any) -> bool:
+    """Whether ``value`` is or holds a bool (numpy's too), which no number option takes."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(map(_has_bool, value))
+    if isinstance(value, Mapping):
+        return any(map(_has_bool, value.values()))
+    return False
 
 
 def _finite(value: Any) -> bool:

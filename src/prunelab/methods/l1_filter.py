@@ -59,7 +59,6 @@ class L1FilterPruning(StructuredMethod):
     rejects = "as in the paper, channels tied across a residual addition stay"
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidValueError(
                 f"unknown l1-filter preset {self.preset!r}; presets: {', '.join(PRESETS)}"

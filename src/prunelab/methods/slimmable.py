@@ -62,7 +62,6 @@ class SlimmableWidth(Method):
     round_to: Count = 1
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not self.switchable_bn and self.widths is None:
             raise InvalidValueError(
                 "switchable_bn: false is the S-Net ablation (one BatchNorm for all widths): give "

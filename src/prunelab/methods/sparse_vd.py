@@ -161,7 +161,6 @@ class SparseVariationalDropout(LearnedMaskMethod):
     warmup_epochs: NonNegative = 0.0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not -LOG_ALPHA_LIMIT < self.threshold < LOG_ALPHA_LIMIT:
             raise InvalidValueError(
                 f"sparse-vd threshold is a log α in ({-LOG_ALPHA_LIMIT:g}, {LOG_ALPHA_LIMIT:g}) "

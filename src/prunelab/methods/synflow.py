@@ -49,7 +49,6 @@ class SynFlow(UnstructuredMethod):
     _flow: nn.Module | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.nm is not None and self.rounds > 1:
             raise InvalidValueError(
                 f"synflow with nm={self.nm!r} prunes to the N:M pattern at once: its rounds "

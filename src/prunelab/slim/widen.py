@@ -85,11 +85,12 @@ def _check_fits_in_memory(model: nn.Module, factor: float) -> None:
     except (AttributeError, ValueError, OSError):  # not a POSIX system: no estimate to compare
         return
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    if params * factor ** 2 > memory:
+    needed = params * factor * factor  # a float product: inf when huge (** would raise)
+    if needed > memory:
         raise InvalidValueError(
             f"widen by {factor:g} would make the model's {params / 2**20:.1f} MiB of parameters "
-            f"about {params * factor ** 2 / 2**30:.3g} GiB, more than this machine's "
-            f"{memory / 2**30:.0f} GiB of memory: use a smaller factor (1.5 or 2 are usual)")
+            f"up to {needed / 2**30:.3g} GiB, more than this machine's {memory / 2**30:.0f} GiB "
+            "of memory: use a smaller factor (1.5 or 2 are usual)")
 
 
 def resize_groups(model: nn.Module,
